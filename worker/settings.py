@@ -1,0 +1,118 @@
+"""Settings: one frozen pydantic-settings class per process, from the environment.
+
+Tests build them from keyword arguments. An invalid value stops the process at
+start with one line naming the variable, the value and what is allowed
+(`settings_error_line`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class KafkaSettings(BaseSettings):
+    """Connection to the brokers; shared by worker and trainer (KAFKA_*)."""
+
+    model_config = SettingsConfigDict(env_prefix="KAFKA_", frozen=True, extra="ignore")
+
+    bootstrap_servers: str = "localhost:9092"
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_cafile: Path | None = None
+    client_id: str = "cae-stream"
+
+    @field_validator("bootstrap_servers")
+    @classmethod
+    def _servers(cls, v: str) -> str:
+        hosts = [h.strip() for h in v.split(",") if h.strip()]
+        if not hosts or any(":" not in h or not h.rsplit(":", 1)[1].isdigit() for h in hosts):
+            raise ValueError("must be a comma-separated list of host:port")
+        return ",".join(hosts)
+
+    def client_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments common to kafka-python's consumer, producer and admin."""
+        kw: dict[str, Any] = {
+            "bootstrap_servers": self.bootstrap_servers.split(","),
+            "security_protocol": self.security_protocol,
+            "client_id": self.client_id,
+        }
+        if self.sasl_mechanism:
+            kw["sasl_mechanism"] = self.sasl_mechanism
+            kw["sasl_plain_username"] = self.sasl_username
+            kw["sasl_plain_password"] = (
+                self.sasl_password.get_secret_value() if self.sasl_password else None
+            )
+        if self.ssl_cafile:
+            kw["ssl_cafile"] = str(self.ssl_cafile)
+        return kw
+
+
+def settings_error_line(exc: ValidationError, env_prefix: str) -> str:
+    """One line for the first invalid setting: variable, value, what is allowed."""
+    err = exc.errors()[0]
+    loc = [str(p) for p in err.get("loc", ())]
+    prefix = env_prefix
+    if exc.title == KafkaSettings.__name__:  # raised from the nested default factory
+        prefix = KafkaSettings.model_config["env_prefix"]
+    elif loc and loc[0] == "kafka":
+        prefix, loc = KafkaSettings.model_config["env_prefix"], loc[1:]
+    var = (prefix + "_".join(loc)).upper() if loc else prefix.rstrip("_")
+    value = err.get("input")
+    if isinstance(value, dict | list):
+        value = "(missing)" if not value else value
+    if "password" in var.lower():
+        value = "**********"
+    allowed = err.get("msg", "invalid").removeprefix("Value error, ")
+    ctx = err.get("ctx") or {}
+    if "expected" in ctx:
+        allowed = f"allowed: {ctx['expected']}"
+    return f"invalid setting {var}={value!r}: {allowed}"
+
+
+Delivery = Literal["at-least-once", "exactly-once"]
+Emit = Literal["anomalies", "all"]
+
+
+class WorkerSettings(BaseSettings):
+    """The streaming worker (WORKER_*). See README for every variable."""
+
+    model_config = SettingsConfigDict(env_prefix="WORKER_", frozen=True, extra="ignore")
+
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    input_topic: str = "features"
+    output_topic: str = "anomalies"
+    dlq_topic: str = "features.dlq"
+    group_id: str = "cae-worker"
+    model_dir: Path = Path("./models")
+    max_batch_size: int = Field(default=1024, ge=1, le=1_000_000)
+    max_batch_wait_ms: int = Field(default=20, ge=0, le=60_000)
+    device: str = "auto"
+    precision: Literal["fp32", "bf16"] = "fp32"
+    delivery: Delivery = "at-least-once"
+    emit: Emit = "anomalies"
+    metrics_port: int = Field(default=9100, ge=0, le=65535)
+    metrics_host: str = "0.0.0.0"
+    max_record_bytes: int = Field(default=1_048_576, ge=16)
+    top_features: int = Field(default=3, ge=0, le=64)
+    reload_poll_s: float = Field(default=2.0, gt=0)
+    wait_for_model_s: float = Field(default=300.0, ge=0)
+    session_timeout_ms: int = Field(default=10_000, ge=1000)
+    heartbeat_interval_ms: int = Field(default=2_000, ge=100)
+    transactional_id: str | None = None
+    # Bounded runs (tests, backfills): stop after this many records / this long idle.
+    max_records: int | None = Field(default=None, ge=1)
+    idle_timeout_s: float | None = Field(default=None, gt=0)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        v = v.strip().lower()
+        if v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()):
+            return v
+        raise ValueError("allowed: auto, cpu, cuda, cuda:N")
