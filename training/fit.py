@@ -147,7 +147,8 @@ def train_model(
         history.val_loss.append(val_loss)
         if on_epoch:
             on_epoch(epoch, sums[0] / n, val_loss)
-        if val_loss < best_val - 1e-6 * abs(best_val):
+        # inf - inf is nan, so the first epoch is taken explicitly.
+        if epoch == 0 or val_loss < best_val - 1e-6 * abs(best_val):
             best_val, stale, history.best_epoch = val_loss, 0, epoch
             best_state = copy.deepcopy(model.state_dict())
         else:
@@ -211,7 +212,9 @@ def fit(
         penalty_weight=weight,
         golden=Golden(inputs=[[0.0] * x.shape[1]], scores=[0.0]),
     )
-    result = FitResult(model=model, manifest=placeholder, history=history, holdout_scores=np.empty(0))
+    result = FitResult(
+        model=model, manifest=placeholder, history=history, holdout_scores=np.empty(0)
+    )
     scorer = result.scorer()
     hold_scores = scorer.score_batch(x[hold_idx]).scores.astype(np.float64)
     golden_x = x[hold_idx[:GOLDEN_ROWS]]
