@@ -18,6 +18,7 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
@@ -153,12 +154,20 @@ def make_version(weights_sha256: str, now: datetime | None = None) -> str:
     return f"{now:%Y%m%dT%H%M%S}{now.microsecond // 1000:03d}Z-{weights_sha256[:6]}"
 
 
-def publish(model_dir: str | os.PathLike, model: ContractiveAutoencoder, manifest: Manifest, keep: int = 5) -> str:
+def publish(
+    model_dir: str | os.PathLike,
+    model: ContractiveAutoencoder,
+    manifest: Manifest,
+    keep: int = 5,
+    verify: Callable[[Path], object] | None = None,
+) -> str:
     """Write a complete version directory, then point LATEST at it; prune to `keep`.
 
     Returns the version name. A reader never sees a half-written version: the
     directory appears by rename once its files are fsynced, and LATEST is replaced
-    by rename after that.
+    by rename after that. `verify(version_dir)` runs before LATEST moves; if it
+    raises, the version directory is removed, LATEST is untouched and the error
+    propagates.
     """
     root = Path(model_dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -183,6 +192,12 @@ def publish(model_dir: str | os.PathLike, model: ContractiveAutoencoder, manifes
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _fsync_dir(root)
+    if verify is not None:
+        try:
+            verify(root / version)
+        except BaseException:
+            shutil.rmtree(root / version, ignore_errors=True)
+            raise
     latest_tmp = root / f".{LATEST_FILE}.{os.getpid()}.tmp"
     _write_synced(latest_tmp, (version + "\n").encode())
     os.replace(latest_tmp, root / LATEST_FILE)
