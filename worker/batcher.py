@@ -1,0 +1,58 @@
+"""MicroBatcher: release a batch when it is full or its oldest record has waited long enough."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+
+class MicroBatcher:
+    """Accumulates polled records; pure logic, the clock is injectable for tests.
+
+    A batch is due when it holds `max_size` records, or when the oldest record in it
+    has waited `max_wait_s` since it was received.
+    """
+
+    def __init__(self, max_size: int, max_wait_s: float, clock: Callable[[], float] = time.monotonic):
+        self.max_size = max_size
+        self.max_wait_s = max_wait_s
+        self.clock = clock
+        self._records: list = []
+        self._oldest: float | None = None
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    @property
+    def oldest_received(self) -> float | None:
+        return self._oldest
+
+    def room(self) -> int:
+        return max(0, self.max_size - len(self._records))
+
+    def add(self, records: list) -> None:
+        if records and self._oldest is None:
+            self._oldest = self.clock()
+        self._records.extend(records)
+
+    def due(self) -> bool:
+        if not self._records:
+            return False
+        return len(self._records) >= self.max_size or self.clock() - self._oldest >= self.max_wait_s
+
+    def wait_s(self, idle_s: float) -> float:
+        """How long the next poll may block: until the batch is due, or `idle_s` when empty."""
+        if not self._records:
+            return idle_s
+        return max(0.0, self._oldest + self.max_wait_s - self.clock())
+
+    def take(self) -> list:
+        """Up to max_size records, oldest first; the rest start the next batch."""
+        batch, self._records = self._records[: self.max_size], self._records[self.max_size :]
+        self._oldest = self.clock() if self._records else None
+        return batch
+
+    def clear(self) -> list:
+        """Everything in hand, oldest first; the batcher is empty afterwards."""
+        records, self._records, self._oldest = self._records, [], None
+        return records

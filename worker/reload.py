@@ -1,0 +1,105 @@
+"""CheckpointWatcher: verifies each new LATEST in the background; the loop swaps it in."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import structlog
+
+from worker.checkpoint import CheckpointError, read_latest
+from worker.metrics import WorkerMetrics
+from worker.scoring import Precision, Scorer, load_scorer
+
+log = structlog.get_logger("worker.reload")
+
+
+class CheckpointWatcher:
+    """Polls LATEST; a changed version is read, verified and golden-checked on the
+    worker's device in this thread. A verified scorer waits in `pending` until the
+    loop takes it between two batches; a refused one is logged, counted, and the
+    serving model stays.
+    """
+
+    def __init__(
+        self,
+        model_dir: Path,
+        device,
+        precision: Precision,
+        poll_s: float,
+        metrics: WorkerMetrics,
+    ):
+        self.model_dir = Path(model_dir)
+        self.device = device
+        self.precision = precision
+        self.poll_s = poll_s
+        self.metrics = metrics
+        self._seen: str | None = None
+        self._pending: Scorer | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="checkpoint-watcher", daemon=True)
+        self.refused: dict[str, str] = {}
+
+    def check_once(self) -> Scorer | None:
+        """Look at LATEST once; return a newly verified scorer, if any."""
+        try:
+            version = read_latest(self.model_dir)
+        except (CheckpointError, OSError) as e:
+            if self._seen != "<invalid LATEST>":
+                self._seen = "<invalid LATEST>"
+                self._refuse("<LATEST>", e)
+            return None
+        if version is None or version == self._seen:
+            return None
+        self._seen = version
+        t0 = time.perf_counter()
+        try:
+            scorer = load_scorer(self.model_dir / version, self.device, self.precision)
+        except CheckpointError as e:
+            self._refuse(version, e)
+            return None
+        log.info("model_verified", version=version, seconds=round(time.perf_counter() - t0, 3))
+        return scorer
+
+    def _refuse(self, version: str, e: Exception) -> None:
+        reason = type(e).__name__
+        self.refused[version] = reason
+        self.metrics.reloads.labels(result="refused", reason=reason).inc()
+        log.error("model_refused", version=version, reason=reason, detail=str(e), action="keeping the serving model")
+
+    def wait_for_first(self, timeout_s: float, stop: threading.Event | None = None) -> Scorer | None:
+        deadline = time.monotonic() + timeout_s
+        announced = False
+        while True:
+            scorer = self.check_once()
+            if scorer is not None:
+                return scorer
+            if time.monotonic() >= deadline or (stop is not None and stop.is_set()):
+                return None
+            if not announced:
+                log.warning("waiting_for_model", model_dir=str(self.model_dir), timeout_s=timeout_s)
+                announced = True
+            time.sleep(min(self.poll_s, 0.5))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            scorer = self.check_once()
+            if scorer is not None:
+                with self._lock:
+                    self._pending = scorer
+
+    def take(self) -> Scorer | None:
+        with self._lock:
+            scorer, self._pending = self._pending, None
+        return scorer
+
+    def start(self) -> CheckpointWatcher:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
