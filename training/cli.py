@@ -1,0 +1,226 @@
+"""python -m training: load data, fit, publish a verified checkpoint, write a report.
+
+stdout carries one line, the published version (for scripts); progress, logs and
+the human summary go to stderr. A mistake the user can fix ends with one
+``error: …`` line and exit code 2, before anything is published.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import structlog
+from pydantic import ValidationError
+from pydantic_settings import CliApp, SettingsError
+
+from training.data import Dataset, load_dataset
+from training.fit import DataError, FitResult, TrainConfig, fit
+from training.report import build_report, write_report
+from training.settings import (
+    PROG,
+    REPORTS_DIRNAME,
+    TrainerSettings,
+    settings_error_message,
+    train_config_error_message,
+)
+from worker.checkpoint import list_versions, publish
+from worker.scoring import Scorer, load_scorer
+
+EXIT_USAGE = 2
+LOG_EVERY_EPOCHS = 10
+SCORE_CHUNK_ROWS = 65_536
+
+log = structlog.get_logger("training")
+
+
+class UsageError(Exception):
+    """A mistake in the command line, settings or paths; the message is one line."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    interactive = sys.stderr.isatty()
+    configure_logging(interactive)
+    try:
+        settings = parse_settings(sys.argv[1:] if argv is None else argv)
+        config = train_config(settings)
+        dataset = load_dataset(settings.data, settings.label_column, settings.id_column)
+        dataset.require_training_rows(settings.data)
+        ensure_writable(settings.out, "--out")
+        if settings.report_dir is not None:
+            ensure_writable(settings.report_dir, "--report-dir")
+        version = train_and_publish(settings, config, dataset, interactive)
+    except (UsageError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was published", file=sys.stderr)
+        return 130
+    print(version)
+    return 0
+
+
+def parse_settings(argv: list[str]) -> TrainerSettings:
+    try:
+        settings = CliApp.run(TrainerSettings, cli_args=argv)
+    except SettingsError as e:
+        detail = str(e).removeprefix("error parsing CLI: ")
+        raise UsageError(f"{detail} (see {PROG} --help)") from None
+    except ValidationError as e:
+        raise UsageError(settings_error_message(e)) from None
+    if settings.from_kafka or settings.every_seconds is not None:
+        raise UsageError("--from-kafka and --every-seconds are not implemented yet (see issue 4)")
+    return settings
+
+
+def train_config(settings: TrainerSettings) -> TrainConfig:
+    try:
+        return settings.train_config()
+    except ValidationError as e:
+        raise UsageError(train_config_error_message(e)) from None
+
+
+def ensure_writable(directory: Path, flag: str) -> None:
+    """Create `directory` if needed and prove a file can be written there."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+        raise UsageError(f"{flag} {directory} is not a writable directory: {reason}") from None
+
+
+def train_and_publish(
+    settings: TrainerSettings, config: TrainConfig, dataset: Dataset, interactive: bool
+) -> str:
+    normal = dataset.normal_rows
+    log.info(
+        "data loaded",
+        path=str(settings.data),
+        rows=len(dataset),
+        features=len(dataset.feature_names),
+        labelled=dataset.labels is not None,
+        normal_rows=len(normal),
+    )
+    extra_metrics = {"data_rows": len(dataset), "anomaly_rows_excluded": len(dataset) - len(normal)}
+    with EpochProgress(config.max_epochs, interactive) as progress:
+        result = fit(normal, dataset.feature_names, config, extra_metrics, on_epoch=progress.update)
+
+    verified: list[Scorer] = []
+    version = publish(
+        settings.out,
+        result.model,
+        result.manifest,
+        keep=settings.keep,
+        verify=lambda version_dir: verified.append(load_scorer(version_dir)),
+    )
+    scorer = verified[0]
+    result.manifest = scorer.manifest  # as published: version, created_at, sha256
+    log.info("published", version=version, out=str(settings.out), threshold=scorer.threshold)
+
+    report_dir = settings.report_dir_for(version)
+    scores = score_rows(scorer, dataset.x) if dataset.labels is not None else None
+    summary = {
+        "path": str(settings.data),
+        "rows": len(dataset),
+        "normal_rows_fit": len(normal),
+        "features": dataset.feature_names,
+        "label_column": dataset.labels is not None,
+    }
+    report = build_report(result, config, version, summary, scores, dataset.labels)
+    write_report(report_dir, report, result, scores, dataset.labels)
+    if settings.report_dir is None:
+        prune_reports(settings.out)
+    print(human_summary(version, settings.out, result, report, report_dir), file=sys.stderr)
+    return version
+
+
+def score_rows(scorer: Scorer, x: np.ndarray) -> np.ndarray:
+    return np.concatenate(
+        [
+            scorer.score_batch(x[i : i + SCORE_CHUNK_ROWS]).scores
+            for i in range(0, len(x), SCORE_CHUNK_ROWS)
+        ]
+    )
+
+
+def prune_reports(model_dir: Path) -> None:
+    """Drop default-location reports whose version has been pruned."""
+    reports = model_dir / REPORTS_DIRNAME
+    live = set(list_versions(model_dir))
+    for d in reports.iterdir() if reports.is_dir() else ():
+        if d.is_dir() and d.name not in live:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def human_summary(
+    version: str, out: Path, result: FitResult, report: dict, report_dir: Path
+) -> str:
+    m, h = result.manifest, result.history
+    lines = [
+        f"published {version} to {out}",
+        f"  trained {len(h.train_loss)} epochs (best {h.best_epoch + 1}), "
+        f"validation loss {h.val_loss[h.best_epoch]:.4g}, penalty weight {m.penalty_weight:g}",
+        f"  threshold {m.threshold:.4g} for a target false-positive rate of {m.target_fpr:g}",
+    ]
+    ev = report.get("evaluation")
+    if ev:
+        lines.append(
+            f"  on {ev['rows']} labelled rows ({ev['anomalies']} anomalies): ROC-AUC {_fmt(ev['roc_auc'])}, "
+            f"PR-AUC {_fmt(ev['average_precision'])}, precision {_fmt(ev['precision'])}, "
+            f"recall {_fmt(ev['recall'])}, FPR {_fmt(ev['fpr'])}"
+        )
+    lines.append(f"  report: {report_dir}")
+    return "\n".join(lines)
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+class EpochProgress:
+    """A progress bar on a terminal; a structured log line every few epochs otherwise."""
+
+    def __init__(self, max_epochs: int, interactive: bool):
+        self._bar = None
+        if interactive:
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                pass
+            else:
+                self._bar = tqdm(total=max_epochs, unit="epoch", file=sys.stderr, leave=False)
+
+    def update(self, epoch: int, train_loss: float, val_loss: float) -> None:
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix(train=f"{train_loss:.4g}", val=f"{val_loss:.4g}", refresh=False)
+        elif epoch % LOG_EVERY_EPOCHS == 0:
+            log.info("epoch", epoch=epoch + 1, train_loss=train_loss, val_loss=val_loss)
+
+    def __enter__(self) -> EpochProgress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def configure_logging(interactive: bool) -> None:
+    """structlog to stderr: readable on a terminal, one JSON object per line otherwise."""
+    renderer = (
+        structlog.dev.ConsoleRenderer() if interactive else structlog.processors.JSONRenderer()
+    )
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            renderer,
+        ],
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=False,
+    )
