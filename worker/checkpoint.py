@@ -237,7 +237,16 @@ def read_latest(model_dir: str | os.PathLike) -> str | None:
 
 def _looks_like_pickle(data: bytes) -> bool:
     # Pickle protocol 2+ starts with PROTO (0x80); torch.save zips start with PK.
-    return data[:1] == b"\x80" or data[:2] == b"PK"
+    # Protocols 0 and 1 start with any opcode but, like every pickle, end in STOP (".").
+    if data[:1] == b"\x80" or data[:2] == b"PK":
+        return True
+    return data[-1:] == b"." and not _has_safetensors_header(data)
+
+
+def _has_safetensors_header(data: bytes) -> bool:
+    """8-byte little-endian header length, then a JSON object that fits in the file."""
+    n = int.from_bytes(data[:8], "little") if len(data) >= 8 else 0
+    return 0 < n <= len(data) - 8 and data[8:9] == b"{"
 
 
 class Checkpoint(BaseModel):
