@@ -1,0 +1,123 @@
+"""python -m deploy.init_topics [--partitions N] [--replication-factor R] TOPIC...
+
+Creates the topics that do not exist yet and grows a topic that has fewer partitions than
+asked. Partitions are never removed; after growing, keys map to other partitions, so grow
+before producers start. A broker that refuses to grow is logged, not fatal. Waits up to
+--timeout-s for the broker. Exit 0 when every topic exists, 1 when the broker refused,
+2 for a bad setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import structlog
+from kafka import KafkaAdminClient
+from kafka.admin import NewPartitions, NewTopic
+from kafka.errors import KafkaError, TopicAlreadyExistsError
+from pydantic import ValidationError
+
+from worker.logs import configure_logging
+from worker.settings import KafkaSettings, settings_error_line
+
+log = structlog.get_logger("init_topics")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m deploy.init_topics", description=__doc__.split("\n\n")[1]
+    )
+    p.add_argument("topics", nargs="+", metavar="TOPIC")
+    p.add_argument("--partitions", type=int, default=6, help="partitions per topic (default 6)")
+    p.add_argument("--replication-factor", type=int, default=1, help="(default 1)")
+    p.add_argument("--timeout-s", type=float, default=120.0, help="wait this long for the broker")
+    args = p.parse_args(argv)
+    if args.partitions < 1 or args.replication_factor < 1:
+        p.error("--partitions and --replication-factor must be ≥ 1")
+    return args
+
+
+def connect(kafka: KafkaSettings, timeout_s: float) -> KafkaAdminClient:
+    deadline = time.monotonic() + timeout_s
+    delay = 0.5
+    while True:
+        try:
+            return KafkaAdminClient(**kafka.client_kwargs(), request_timeout_ms=15_000)
+        except (KafkaError, OSError) as e:
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning(
+                "broker_unreachable",
+                bootstrap=kafka.bootstrap_servers,
+                error=str(e) or type(e).__name__,
+                retry_in_s=delay,
+            )
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+
+def partition_counts(admin: KafkaAdminClient, topics: list[str]) -> dict[str, int]:
+    """Partitions of each topic in `topics` that exists."""
+    existing = set(admin.list_topics())
+    present = [t for t in topics if t in existing]
+    if not present:
+        return {}
+    return {d["name"]: len(d["partitions"]) for d in admin.describe_topics(present)}
+
+
+def ensure_topics(
+    admin: KafkaAdminClient, topics: list[str], partitions: int, replication: int
+) -> dict[str, int]:
+    counts = partition_counts(admin, topics)
+    missing = [t for t in topics if t not in counts]
+    if missing:
+        try:
+            admin.create_topics([NewTopic(t, partitions, replication) for t in missing])
+        except TopicAlreadyExistsError:  # another initialiser won the race
+            pass
+        log.info(
+            "topics_created", topics=missing, partitions=partitions, replication_factor=replication
+        )
+    short = {t: n for t, n in counts.items() if n < partitions}
+    if short:
+        try:
+            admin.create_partitions({t: NewPartitions(partitions) for t in short})
+        except KafkaError as e:  # the topics exist and serve; fewer partitions cap the workers
+            log.warning(
+                "partitions_not_added",
+                topics=short,
+                wanted=partitions,
+                error=str(e) or type(e).__name__,
+            )
+            return counts | dict.fromkeys(missing, partitions)
+        log.info("partitions_added", topics=sorted(short), before=short, partitions=partitions)
+    return {t: max(n, partitions) for t, n in counts.items()} | dict.fromkeys(missing, partitions)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    configure_logging()
+    try:
+        kafka = KafkaSettings()
+    except ValidationError as e:
+        print(f"error: {settings_error_line(e, 'KAFKA_')}", file=sys.stderr)
+        return 2
+    try:
+        admin = connect(kafka, args.timeout_s)
+        try:
+            result = ensure_topics(admin, args.topics, args.partitions, args.replication_factor)
+        finally:
+            admin.close()
+    except (KafkaError, OSError) as e:
+        log.error(
+            "topic_init_failed", bootstrap=kafka.bootstrap_servers, error=str(e) or type(e).__name__
+        )
+        return 1
+    log.info("topics_ready", topics=result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
