@@ -13,7 +13,9 @@ class MicroBatcher:
     has waited `max_wait_s` since it was received.
     """
 
-    def __init__(self, max_size: int, max_wait_s: float, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self, max_size: int, max_wait_s: float, clock: Callable[[], float] = time.monotonic
+    ):
         self.max_size = max_size
         self.max_wait_s = max_wait_s
         self.clock = clock

@@ -40,7 +40,11 @@ class EmbeddedBroker:
     def __init__(self, port: int | None = None, log_path: str | os.PathLike | None = None):
         self.port = port or free_port()
         self.bootstrap = f"127.0.0.1:{self.port}"
-        self.log_path = Path(log_path) if log_path else Path(tempfile.mkstemp(prefix="tansu-", suffix=".log")[1])
+        self.log_path = (
+            Path(log_path)
+            if log_path
+            else Path(tempfile.mkstemp(prefix="tansu-", suffix=".log")[1])
+        )
         self._proc: subprocess.Popen | None = None
 
     def start(self, timeout_s: float = 30.0) -> EmbeddedBroker:
@@ -59,7 +63,9 @@ class EmbeddedBroker:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
-                raise RuntimeError(f"broker exited with {self._proc.returncode}; log: {self.log_path}")
+                raise RuntimeError(
+                    f"broker exited with {self._proc.returncode}; log: {self.log_path}"
+                )
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
                     return self

@@ -112,7 +112,9 @@ class Manifest(BaseModel):
     def _consistent(self) -> Manifest:
         d = self.input_dim
         if self.architecture.input_dim != d:
-            raise ValueError(f"architecture.input_dim {self.architecture.input_dim} != input_dim {d}")
+            raise ValueError(
+                f"architecture.input_dim {self.architecture.input_dim} != input_dim {d}"
+            )
         if len(self.feature_names) != d or len(set(self.feature_names)) != d:
             raise ValueError(f"feature_names must be {d} distinct names")
         if len(self.scaler.center) != d or len(self.scaler.scale) != d:
@@ -171,7 +173,9 @@ def publish(
     """
     root = Path(model_dir)
     root.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
+    state = {
+        k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()
+    }
     weights = st_save(state)
     digest = sha256_bytes(weights)
     now = datetime.now(UTC)
@@ -180,7 +184,11 @@ def publish(
         now = datetime.now(UTC)
         version = make_version(digest, now)
     final = manifest.model_copy(
-        update={"version": version, "created_at": now.isoformat().replace("+00:00", "Z"), "weights_sha256": digest}
+        update={
+            "version": version,
+            "created_at": now.isoformat().replace("+00:00", "Z"),
+            "weights_sha256": digest,
+        }
     )
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
     try:
@@ -277,7 +285,9 @@ def read_checkpoint(version_dir: str | os.PathLike) -> Checkpoint:
         raise CheckpointMissing(f"checkpoint {path} does not exist")
     for f in path.iterdir():
         if f.suffix.lower() in _PICKLE_SUFFIXES:
-            raise UnsafePayload(f"{f.name}: pickle-format files are never loaded; only {WEIGHTS_FILE}")
+            raise UnsafePayload(
+                f"{f.name}: pickle-format files are never loaded; only {WEIGHTS_FILE}"
+            )
     try:
         raw_manifest = (path / MANIFEST_FILE).read_bytes()
     except FileNotFoundError:
@@ -287,13 +297,17 @@ def read_checkpoint(version_dir: str | os.PathLike) -> Checkpoint:
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "manifest"
-        raise ManifestInvalid(f"{path.name}: {MANIFEST_FILE} is malformed at {where}: {first['msg']}") from None
+        raise ManifestInvalid(
+            f"{path.name}: {MANIFEST_FILE} is malformed at {where}: {first['msg']}"
+        ) from None
     try:
         weights = (path / WEIGHTS_FILE).read_bytes()
     except FileNotFoundError:
         raise CheckpointMissing(f"{path.name}: {WEIGHTS_FILE} is missing") from None
     if _looks_like_pickle(weights):
-        raise UnsafePayload(f"{path.name}: {WEIGHTS_FILE} holds a pickle payload; refusing to load it")
+        raise UnsafePayload(
+            f"{path.name}: {WEIGHTS_FILE} holds a pickle payload; refusing to load it"
+        )
     digest = sha256_bytes(weights)
     if digest != manifest.weights_sha256:
         raise IntegrityError(
@@ -304,7 +318,10 @@ def read_checkpoint(version_dir: str | os.PathLike) -> Checkpoint:
         state = st_load(weights)
     except (SafetensorError, ValueError, json.JSONDecodeError) as e:
         raise IntegrityError(f"{path.name}: {WEIGHTS_FILE} is not valid safetensors: {e}") from None
-    expected = {k: tuple(v.shape) for k, v in ContractiveAutoencoder(manifest.architecture).state_dict().items()}
+    expected = {
+        k: tuple(v.shape)
+        for k, v in ContractiveAutoencoder(manifest.architecture).state_dict().items()
+    }
     got = {k: tuple(v.shape) for k, v in state.items()}
     if expected != got:
         missing = sorted(set(expected) - set(got))

@@ -101,7 +101,13 @@ class Codec:
         if isinstance(doc, list):
             return doc, None, None, "", ""
         if not isinstance(doc, dict):
-            return None, None, None, BAD_SHAPE, f"expected an object or an array, got {type(doc).__name__}"
+            return (
+                None,
+                None,
+                None,
+                BAD_SHAPE,
+                f"expected an object or an array, got {type(doc).__name__}",
+            )
         feats = doc.get("features")
         rid = doc.get("id")
         ts = doc.get("ts")
@@ -127,7 +133,13 @@ class Codec:
             return feats, rid, ts, "", ""
         if feats is None:
             return None, rid, ts, BAD_SHAPE, "no 'features' field"
-        return None, rid, ts, BAD_SHAPE, f"'features' must be an array or an object, got {type(feats).__name__}"
+        return (
+            None,
+            rid,
+            ts,
+            BAD_SHAPE,
+            f"'features' must be an array or an object, got {type(feats).__name__}",
+        )
 
     def decode(self, records: list) -> Decoded:
         dim = self.dim
@@ -147,7 +159,9 @@ class Codec:
                 rejected.append(Rejected(rec, UNDECODABLE, "empty value (tombstone)"))
                 continue
             if len(value) > self.max_record_bytes:
-                rejected.append(Rejected(rec, OVERSIZE, f"{len(value)} bytes > {self.max_record_bytes}"))
+                rejected.append(
+                    Rejected(rec, OVERSIZE, f"{len(value)} bytes > {self.max_record_bytes}")
+                )
                 continue
             ctype = _content_type(rec) if rec.headers else None
             if ctype is None or ctype == JSON:
@@ -162,7 +176,11 @@ class Codec:
                     rejected.append(Rejected(rec, code, detail))
                     continue
                 if len(feats) != dim:
-                    rejected.append(Rejected(rec, DIMENSION_MISMATCH, f"{len(feats)} features, model expects {dim}"))
+                    rejected.append(
+                        Rejected(
+                            rec, DIMENSION_MISMATCH, f"{len(feats)} features, model expects {dim}"
+                        )
+                    )
                     continue
                 if not set(map(type, feats)) <= _NUMBER_TYPES:
                     rejected.append(Rejected(rec, BAD_TYPE, "features must all be numbers"))
@@ -176,7 +194,12 @@ class Codec:
                 n = len(value)
                 if n == 0 or n % row_bytes or (ctype == FLOAT32 and n != row_bytes):
                     rejected.append(
-                        Rejected(rec, DIMENSION_MISMATCH, f"{n} bytes is not float32 × {dim}" + (" × rows" if ctype == FLOAT32_ROWS else ""))
+                        Rejected(
+                            rec,
+                            DIMENSION_MISMATCH,
+                            f"{n} bytes is not float32 × {dim}"
+                            + (" × rows" if ctype == FLOAT32_ROWS else ""),
+                        )
                     )
                     continue
                 bin_chunks.append(value)
@@ -190,7 +213,8 @@ class Codec:
         parts, rec_parts, row_parts = [], [], []
         if json_rows:
             try:
-                parts.append(np.array(json_rows, dtype=np.float32))
+                with np.errstate(over="ignore"):  # 1e39 → inf, rejected as non-finite below
+                    parts.append(np.array(json_rows, dtype=np.float32))
             except OverflowError:  # an integer too large for a float: find it row by row
                 arr = np.empty((len(json_rows), dim), dtype=np.float32)
                 for i, r in enumerate(json_rows):

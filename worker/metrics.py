@@ -20,11 +20,21 @@ class WorkerMetrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
         self.records = Counter("cae_records", "Input rows by outcome", ["outcome"], registry=r)
-        self.rejected = Counter("cae_rejected_records", "Records sent to the DLQ, by reason", ["reason"], registry=r)
-        self.events = Counter("cae_events_published", "Events acknowledged by the broker", registry=r)
-        self.batch_size = Histogram("cae_batch_rows", "Rows per micro-batch", buckets=_SIZE_BUCKETS, registry=r)
+        self.rejected = Counter(
+            "cae_rejected_records", "Records sent to the DLQ, by reason", ["reason"], registry=r
+        )
+        self.events = Counter(
+            "cae_events_published", "Events acknowledged by the broker", registry=r
+        )
+        self.batch_size = Histogram(
+            "cae_batch_rows", "Rows per micro-batch", buckets=_SIZE_BUCKETS, registry=r
+        )
         self.stage = Histogram(
-            "cae_stage_seconds", "Time per batch in each stage", ["stage"], buckets=_LATENCY_BUCKETS, registry=r
+            "cae_stage_seconds",
+            "Time per batch in each stage",
+            ["stage"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.latency = Histogram(
             "cae_end_to_end_latency_seconds",
@@ -32,12 +42,30 @@ class WorkerMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
-        self.lag = Gauge("cae_consumer_lag", "Records behind the high watermark", ["topic", "partition"], registry=r)
-        self.model_info = Gauge("cae_model_info", "The model version serving (value 1)", ["version"], registry=r)
-        self.reloads = Counter("cae_model_reloads", "Checkpoint reload attempts by result", ["result", "reason"], registry=r)
-        self.publish_failures = Counter("cae_publish_failures", "Batches whose publication failed (not committed)", registry=r)
-        self.gpu_memory = Gauge("cae_gpu_memory_bytes", "GPU memory allocated by the worker", registry=r)
-        self.ready = Gauge("cae_ready", "1 when the worker can score and reach the broker", registry=r)
+        self.lag = Gauge(
+            "cae_consumer_lag",
+            "Records behind the high watermark",
+            ["topic", "partition"],
+            registry=r,
+        )
+        self.model_info = Gauge(
+            "cae_model_info", "The model version serving (value 1)", ["version"], registry=r
+        )
+        self.reloads = Counter(
+            "cae_model_reloads",
+            "Checkpoint reload attempts by result",
+            ["result", "reason"],
+            registry=r,
+        )
+        self.publish_failures = Counter(
+            "cae_publish_failures", "Batches whose publication failed (not committed)", registry=r
+        )
+        self.gpu_memory = Gauge(
+            "cae_gpu_memory_bytes", "GPU memory allocated by the worker", registry=r
+        )
+        self.ready = Gauge(
+            "cae_ready", "1 when the worker can score and reach the broker", registry=r
+        )
         self.last_loop = time.monotonic()
         self.is_ready = False
         self.not_ready_reason = "starting"
@@ -78,7 +106,9 @@ class HealthServer:
         self.server = ThreadingHTTPServer((host, port), Handler)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
-        self._thread = threading.Thread(target=self.server.serve_forever, name="health-http", daemon=True)
+        self._thread = threading.Thread(
+            target=self.server.serve_forever, name="health-http", daemon=True
+        )
 
     def respond(self, path: str) -> tuple[int, bytes, str]:
         path = path.split("?", 1)[0]

@@ -69,7 +69,9 @@ class ContractiveAutoencoder(nn.Module):
         layers.append(nn.Linear(rev[-2], rev[-1]))
         self.decoder = nn.Sequential(*layers)
 
-    def encode_with_preactivations(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def encode_with_preactivations(
+        self, x: torch.Tensor
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         pre: list[torch.Tensor] = []
         h = x
         for linear in self.encoder_linears:

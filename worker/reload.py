@@ -67,9 +67,17 @@ class CheckpointWatcher:
         reason = type(e).__name__
         self.refused[version] = reason
         self.metrics.reloads.labels(result="refused", reason=reason).inc()
-        log.error("model_refused", version=version, reason=reason, detail=str(e), action="keeping the serving model")
+        log.error(
+            "model_refused",
+            version=version,
+            reason=reason,
+            detail=str(e),
+            action="keeping the serving model",
+        )
 
-    def wait_for_first(self, timeout_s: float, stop: threading.Event | None = None) -> Scorer | None:
+    def wait_for_first(
+        self, timeout_s: float, stop: threading.Event | None = None
+    ) -> Scorer | None:
         deadline = time.monotonic() + timeout_s
         announced = False
         while True:

@@ -39,7 +39,9 @@ def resolve_device(spec: str) -> torch.device:
     return device
 
 
-def reconstruction_errors(model: torch.nn.Module, x_scaled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def reconstruction_errors(
+    model: torch.nn.Module, x_scaled: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-feature squared error in scaled units, and the reconstruction."""
     recon = model(x_scaled)
     return (x_scaled - recon).square(), recon
@@ -91,7 +93,9 @@ class Scorer:
             return t
         n = t.shape[0]
         if self._pinned is None or self._pinned.shape[0] < n:
-            self._pinned = torch.empty((max(n, 1024), self.input_dim), dtype=torch.float32).pin_memory()
+            self._pinned = torch.empty(
+                (max(n, 1024), self.input_dim), dtype=torch.float32
+            ).pin_memory()
         staging = self._pinned[:n]
         staging.copy_(t)
         return staging.to(self.device, non_blocking=True)

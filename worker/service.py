@@ -60,7 +60,10 @@ class _FlushOnRevoke(ConsumerRebalanceListener):
         self.worker.flush(reason="revoked")
 
     def on_partitions_assigned(self, assigned):
-        log.info("partitions_assigned", partitions=sorted(f"{tp.topic}-{tp.partition}" for tp in assigned))
+        log.info(
+            "partitions_assigned",
+            partitions=sorted(f"{tp.topic}-{tp.partition}" for tp in assigned),
+        )
 
 
 class Worker:
@@ -76,7 +79,11 @@ class Worker:
         self.producer: KafkaProducer | None = None
         self.batcher = MicroBatcher(settings.max_batch_size, settings.max_batch_wait_ms / 1000)
         self.watcher = CheckpointWatcher(
-            settings.model_dir, self.device, settings.precision, settings.reload_poll_s, self.metrics
+            settings.model_dir,
+            self.device,
+            settings.precision,
+            settings.reload_poll_s,
+            self.metrics,
         )
         self.health: HealthServer | None = None
         self._transactional = settings.delivery == "exactly-once"
@@ -126,7 +133,9 @@ class Worker:
         delay = 0.5
         while not self.stopping:
             try:
-                producer_kw = dict(acks="all", linger_ms=5, batch_size=256 * 1024, retries=5, max_block_ms=30_000)
+                producer_kw = dict(
+                    acks="all", linger_ms=5, batch_size=256 * 1024, retries=5, max_block_ms=30_000
+                )
                 if self._transactional:
                     txn_id = s.transactional_id or f"{s.group_id}-{socket.gethostname()}"
                     producer_kw.update(transactional_id=txn_id, enable_idempotence=True)
@@ -156,7 +165,12 @@ class Worker:
                 return
             except (KafkaError, OSError) as e:
                 self._close_clients()
-                log.warning("broker_unreachable", bootstrap=s.kafka.bootstrap_servers, error=str(e) or type(e).__name__, retry_in_s=delay)
+                log.warning(
+                    "broker_unreachable",
+                    bootstrap=s.kafka.bootstrap_servers,
+                    error=str(e) or type(e).__name__,
+                    retry_in_s=delay,
+                )
                 self._stop.wait(delay)
                 delay = min(delay * 2, 15.0)
 
@@ -169,7 +183,9 @@ class Worker:
         if previous:
             self.summary.reloads += 1
             self.metrics.reloads.labels(result="swapped", reason="").inc()
-        log.info("model_serving", version=scorer.version, previous=previous, device=str(self.device))
+        log.info(
+            "model_serving", version=scorer.version, previous=previous, device=str(self.device)
+        )
 
     def _close_clients(self) -> None:
         consumer, self.consumer = self.consumer, None
@@ -207,7 +223,7 @@ class Worker:
 
     def _bounded_done(self) -> bool:
         s = self.settings
-        if s.max_records is not None and self.summary.records + len(self.batcher) >= s.max_records:
+        if s.max_records is not None and self.summary.records >= s.max_records:
             return True
         if s.idle_timeout_s is not None and not len(self.batcher):
             return time.monotonic() - self._last_records_at >= s.idle_timeout_s
@@ -228,8 +244,14 @@ class Worker:
                 continue
             room = self.batcher.room()
             if self.settings.max_records is not None:
-                room = min(room, self.settings.max_records - self.summary.records - len(self.batcher))
-            polled = self.consumer.poll(timeout_ms=int(self.batcher.wait_s(IDLE_POLL_S) * 1000), max_records=max(1, room))
+                room = min(
+                    room, self.settings.max_records - self.summary.records - len(self.batcher)
+                )
+            wait_s = self.batcher.wait_s(IDLE_POLL_S)
+            if room <= 0:  # a bounded run holds all it may take: let the batch come due
+                self._stop.wait(wait_s)
+                continue
+            polled = self.consumer.poll(timeout_ms=int(wait_s * 1000), max_records=room)
             self._update_readiness()
             if polled:
                 self._last_records_at = time.monotonic()
@@ -261,7 +283,13 @@ class Worker:
         scorer = self.scorer
         result = scorer.score_batch(decoded.rows) if len(decoded) else None
         t1 = time.perf_counter()
-        events = build_events(decoded, result, scorer, self.settings.emit == "all", int(time.time() * 1000)) if result else []
+        events = (
+            build_events(
+                decoded, result, scorer, self.settings.emit == "all", int(time.time() * 1000)
+            )
+            if result
+            else []
+        )
         dlq = [dlq_record(r) for r in decoded.rejected]
         offsets = _next_offsets(batch)
         try:
@@ -319,7 +347,9 @@ class Worker:
                 p.flush(timeout=30)
             failed = [f for f in futures if not f.succeeded()]
             if failed:
-                raise PublishError(f"{len(failed)} of {len(futures)} outputs not acknowledged: {failed[0].exception}")
+                raise PublishError(
+                    f"{len(failed)} of {len(futures)} outputs not acknowledged: {failed[0].exception}"
+                )
         except BaseException:
             if self._transactional:
                 try:
@@ -356,7 +386,9 @@ class Worker:
         for tp, om in offsets.items():
             high = self.consumer.highwater(tp)
             if high is not None:
-                self.metrics.lag.labels(topic=tp.topic, partition=str(tp.partition)).set(max(0, high - om.offset))
+                self.metrics.lag.labels(topic=tp.topic, partition=str(tp.partition)).set(
+                    max(0, high - om.offset)
+                )
 
 
 def _next_offsets(batch: list) -> dict[TopicPartition, OffsetAndMetadata]:

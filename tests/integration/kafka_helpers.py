@@ -1,0 +1,142 @@
+"""Helpers for tests against the embedded broker: topics, producing, reading back, workers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import orjson
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka.admin import NewTopic
+from kafka.structs import TopicPartition
+
+ROOT = Path(__file__).resolve().parents[2]
+FAST_GROUP = dict(session_timeout_ms=6000, heartbeat_interval_ms=1000)
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def create_topics(bootstrap: str, names: list[str], partitions: int = 3) -> None:
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        admin.create_topics([NewTopic(n, partitions, 1) for n in names])
+    finally:
+        admin.close()
+
+
+def producer(bootstrap: str, **kw) -> KafkaProducer:
+    return KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5, **kw)
+
+
+def read_topic(
+    bootstrap: str,
+    topic: str,
+    expect: int | None = None,
+    timeout_s: float = 30.0,
+    quiet_s: float = 2.0,
+    isolation_level: str = "read_uncommitted",
+) -> list:
+    """Every record of `topic` from the beginning (no group). Stops at `expect`
+    records, or after `quiet_s` without new records once anything (or nothing) came."""
+    c = KafkaConsumer(
+        bootstrap_servers=bootstrap, isolation_level=isolation_level, enable_auto_commit=False
+    )
+    try:
+        parts = c.partitions_for_topic(topic) or set()
+        deadline = time.monotonic() + 10
+        while not parts and time.monotonic() < deadline:
+            time.sleep(0.2)
+            parts = c.partitions_for_topic(topic) or set()
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        c.assign(tps)
+        c.seek_to_beginning(*tps)
+        out: list = []
+        deadline = time.monotonic() + timeout_s
+        last_new = time.monotonic()
+        while time.monotonic() < deadline:
+            batch = c.poll(timeout_ms=200)
+            for recs in batch.values():
+                out.extend(recs)
+            if batch:
+                last_new = time.monotonic()
+            if expect is not None and len(out) >= expect:
+                # linger briefly: duplicates must show up too
+                if time.monotonic() - last_new >= 0.5:
+                    break
+            elif expect is None and time.monotonic() - last_new >= quiet_s:
+                break
+        return out
+    finally:
+        c.close()
+
+
+def events_of(records: list) -> list[dict]:
+    return [orjson.loads(r.value) for r in records]
+
+
+def committed_offsets(bootstrap: str, group: str, topic: str) -> dict[int, int]:
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        offs = admin.list_group_offsets(group).get(group, {})
+    finally:
+        admin.close()
+    return {
+        tp.partition: om.offset for tp, om in offs.items() if tp.topic == topic and om.offset >= 0
+    }
+
+
+def worker_env(bootstrap: str, topics: dict, model_dir: Path, **extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WORKER_", "KAFKA_"))}
+    env.update(
+        KAFKA_BOOTSTRAP_SERVERS=bootstrap,
+        WORKER_INPUT_TOPIC=topics["input"],
+        WORKER_OUTPUT_TOPIC=topics["output"],
+        WORKER_DLQ_TOPIC=topics["dlq"],
+        WORKER_GROUP_ID=topics["group"],
+        WORKER_MODEL_DIR=str(model_dir),
+        WORKER_METRICS_PORT="0",
+        WORKER_SESSION_TIMEOUT_MS="6000",
+        WORKER_HEARTBEAT_INTERVAL_MS="1000",
+        WORKER_RELOAD_POLL_S="0.2",
+        PYTHONUNBUFFERED="1",
+    )
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def start_worker(env: dict, log_path: Path) -> subprocess.Popen:
+    log = open(log_path, "ab")  # noqa: SIM115 - the child owns it
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-m", "worker"],
+            env=env,
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    finally:
+        log.close()
+
+
+def stop_worker(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout_s: float = 30.0) -> int:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+    try:
+        return proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise
+
+
+def copy_model_dir(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst

@@ -1,0 +1,392 @@
+"""The worker against the real embedded broker: formats, DLQ, reload, delivery, shutdown."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections import Counter
+
+import numpy as np
+import orjson
+import pytest
+from kafka.errors import KafkaError
+from kafka.future import Future
+
+from tests.integration.conftest import DIM, FEATURES, normal_rows
+from tests.integration.kafka_helpers import (
+    committed_offsets,
+    events_of,
+    producer,
+    read_topic,
+    start_worker,
+    stop_worker,
+    worker_env,
+)
+from worker import codec
+from worker.checkpoint import LATEST_FILE, WEIGHTS_FILE, publish
+from worker.service import Worker
+from worker.settings import KafkaSettings, WorkerSettings
+
+
+def settings_for(broker, topics, model_dir, **kw) -> WorkerSettings:
+    base = dict(
+        kafka=KafkaSettings(bootstrap_servers=broker.bootstrap),
+        input_topic=topics["input"],
+        output_topic=topics["output"],
+        dlq_topic=topics["dlq"],
+        group_id=topics["group"],
+        model_dir=model_dir,
+        metrics_port=0,
+        session_timeout_ms=6000,
+        heartbeat_interval_ms=1000,
+        reload_poll_s=0.2,
+        wait_for_model_s=10,
+    )
+    base.update(kw)
+    return WorkerSettings(**base)
+
+
+def produce_mixed(bootstrap, topic, n, seed=0, spike_every=50):
+    """n valid records alternating JSON forms and float32; every spike_every-th is a spike."""
+    rows = normal_rows(n, seed)
+    spikes = set(range(0, n, spike_every))
+    for i in spikes:
+        rows[i, i % DIM] += 25.0
+    p = producer(bootstrap)
+    for i, row in enumerate(rows):
+        key = f"sensor-{i % 5}".encode()
+        kind = i % 4
+        if kind == 0:
+            p.send(
+                topic, key=key, value=codec.encode_json(row, id=f"r{i}", ts=1_764_253_000_000 + i)
+            )
+        elif kind == 1:
+            p.send(topic, key=key, value=orjson.dumps([float(v) for v in row]))
+        elif kind == 2:
+            doc = {
+                "id": f"r{i}",
+                "features": {name: float(v) for name, v in zip(FEATURES, row, strict=True)},
+            }
+            p.send(topic, key=key, value=orjson.dumps(doc))
+        else:
+            value, headers = codec.encode_float32(row)
+            p.send(topic, key=key, value=value, headers=headers)
+    p.flush()
+    p.close()
+    return rows, spikes
+
+
+def run_in_thread(worker: Worker) -> threading.Thread:
+    t = threading.Thread(target=worker.run, daemon=True)
+    t.start()
+    return t
+
+
+def event_ids(events):
+    return [e["event_id"] for e in events]
+
+
+def test_json_and_binary_records_each_get_one_valid_event(
+    broker, topics, model_dir, validate_event
+):
+    n = 400
+    rows, spikes = produce_mixed(broker.bootstrap, topics["input"], n)
+    worker = Worker(settings_for(broker, topics, model_dir, emit="all", max_records=n))
+    summary = worker.run()
+    assert summary.records == n and summary.rejected == 0
+
+    records = read_topic(broker.bootstrap, topics["output"], expect=n)
+    events = [validate_event(e) for e in events_of(records)]
+    assert len(events) == n
+    assert len(set(event_ids(events))) == n
+    # every input offset has its event, keys pass through, model version in headers
+    assert {(e["source"]["partition"], e["source"]["offset"]) for e in events} == {
+        (e["source"]["partition"], e["source"]["offset"]) for e in events
+    }
+    for rec, ev in zip(records, events, strict=True):
+        assert rec.key.decode() == ev["source"]["key"]
+        assert dict(rec.headers)["model.version"].decode() == ev["model"]["version"]
+    # planted spikes are flagged, and they explain themselves through the spiked feature
+    by_id = {e["id"]: e for e in events if e["id"]}
+    flagged = [e for e in events if e["is_anomaly"]]
+    spiked_ids = {f"r{i}" for i in spikes if i % 4 in (0, 2)}
+    assert spiked_ids and all(by_id[i]["is_anomaly"] for i in spiked_ids)
+    for i in spikes:
+        if f"r{i}" in by_id:
+            assert by_id[f"r{i}"]["top_features"][0]["name"] == FEATURES[i % DIM]
+    assert len(flagged) < len(spikes) + 0.05 * n  # and normal traffic is mostly quiet
+    # committed offsets cover every record
+    committed = committed_offsets(broker.bootstrap, topics["group"], topics["input"])
+    assert sum(committed.values()) == n
+
+
+BAD_RECORDS = [
+    (b"\xff\xfe\x00garbage", None, codec.UNDECODABLE),
+    (b"{not json", None, codec.INVALID_JSON),
+    (b'"just a string"', None, codec.BAD_SHAPE),
+    (b'{"features": "1,2,3"}', None, codec.BAD_SHAPE),
+    (orjson.dumps({"features": [1.0] * (DIM - 1)}), None, codec.DIMENSION_MISMATCH),
+    (orjson.dumps({"features": [1.0] * (DIM - 1) + ["x"]}), None, codec.BAD_TYPE),
+    (orjson.dumps({"features": {n: 1.0 for n in FEATURES[:-1]}}), None, codec.MISSING_FEATURES),
+    (
+        orjson.dumps({"features": {**{n: 1.0 for n in FEATURES[:-1]}, "bogus": 1.0}}),
+        None,
+        codec.MISSING_FEATURES,
+    ),
+    (
+        orjson.dumps({"features": {**{n: 1.0 for n in FEATURES}, "bogus": 1.0}}),
+        None,
+        codec.UNKNOWN_FEATURES,
+    ),
+    (orjson.dumps({"features": [1.0] * (DIM - 1) + [1e39]}), None, codec.NON_FINITE),
+    (
+        np.array([np.nan] * DIM, dtype="<f4").tobytes(),
+        [(codec.CONTENT_TYPE, codec.FLOAT32)],
+        codec.NON_FINITE,
+    ),
+    (b"\x00" * (4 * DIM - 1), [(codec.CONTENT_TYPE, codec.FLOAT32)], codec.DIMENSION_MISMATCH),
+    (b"x" * 5000, None, codec.OVERSIZE),
+    (b"[1]", [(codec.CONTENT_TYPE, b"application/avro")], codec.UNKNOWN_CONTENT_TYPE),
+]
+
+
+def test_each_bad_record_lands_in_the_dlq_and_its_neighbours_are_scored(broker, topics, model_dir):
+    p = producer(broker.bootstrap)
+    good = normal_rows(len(BAD_RECORDS) + 1, seed=3)
+    # one partition keeps neighbours adjacent: good, bad, good, bad, ..., good
+    for i, (value, headers, _code) in enumerate(BAD_RECORDS):
+        p.send(
+            topics["input"], key=b"g", value=codec.encode_json(good[i], id=f"good{i}"), partition=0
+        )
+        p.send(topics["input"], key=b"b", value=value, headers=headers, partition=0)
+    p.send(topics["input"], key=b"g", value=codec.encode_json(good[-1], id="goodlast"), partition=0)
+    p.flush()
+    total = 2 * len(BAD_RECORDS) + 1
+    summary = Worker(
+        settings_for(
+            broker, topics, model_dir, emit="all", max_records=total, max_record_bytes=4096
+        )
+    ).run()
+    assert summary.rejected == len(BAD_RECORDS)
+
+    dlq = read_topic(broker.bootstrap, topics["dlq"], expect=len(BAD_RECORDS))
+    assert len(dlq) == len(BAD_RECORDS)
+    by_value = {r.value: r for r in dlq}
+    for value, _headers, code in BAD_RECORDS:
+        rec = by_value[value]
+        h = dict(rec.headers)
+        assert h["error"].decode() == code, (value[:40], h)
+        assert h["error.detail"]
+        assert h["source.topic"].decode() == topics["input"]
+        assert h["source.partition"] == b"0"
+        assert int(h["source.offset"]) % 2 == 1  # the odd offsets were the bad ones
+        assert rec.key == b"b"
+    scored = events_of(read_topic(broker.bootstrap, topics["output"], expect=len(BAD_RECORDS) + 1))
+    assert sorted(e["id"] for e in scored) == sorted(
+        [f"good{i}" for i in range(len(BAD_RECORDS))] + ["goodlast"]
+    )
+
+
+def test_hot_reload_mid_stream_and_corrupt_checkpoint_is_refused(
+    broker, topics, model_dir, trained, tmp_path
+):
+    _, v1, second = trained
+    worker = Worker(settings_for(broker, topics, model_dir, emit="all", idle_timeout_s=30))
+    thread = run_in_thread(worker)
+    p = producer(broker.bootstrap)
+
+    def send(rows, tag):
+        for i, row in enumerate(rows):
+            p.send(topics["input"], value=codec.encode_json(row, id=f"{tag}{i}"))
+        p.flush()
+
+    def wait_for(pred, timeout=30):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if pred():
+                return True
+            time.sleep(0.1)
+        return False
+
+    send(normal_rows(100, 10), "a")
+    assert wait_for(lambda: worker.summary.records >= 100)
+    v2 = publish(model_dir, second.model, second.manifest)
+    assert wait_for(lambda: worker.scorer.version == v2)
+    send(normal_rows(100, 11), "b")
+    assert wait_for(lambda: worker.summary.records >= 200)
+    assert worker.scorer.version == v2
+
+    # a tampered checkpoint: LATEST moves to it, verification refuses it, v2 keeps serving
+    staging = tmp_path / "staging"
+    v3 = publish(staging, second.model, second.manifest)
+    weights = staging / v3 / WEIGHTS_FILE
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    (staging / v3).rename(model_dir / v3)
+    (model_dir / "LATEST.tmp").write_text(v3 + "\n")
+    (model_dir / "LATEST.tmp").rename(model_dir / LATEST_FILE)
+    assert wait_for(lambda: v3 in worker.watcher.refused)
+    send(normal_rows(100, 12), "c")
+    assert wait_for(lambda: worker.summary.records >= 300)
+    worker.request_stop()
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+
+    events = events_of(read_topic(broker.bootstrap, topics["output"], expect=300))
+    assert len(events) == 300 and len(set(event_ids(events))) == 300
+    version_of = {e["id"]: e["model"]["version"] for e in events}
+    assert {version_of[f"a{i}"] for i in range(100)} == {v1}
+    assert {version_of[f"b{i}"] for i in range(100)} == {v2}
+    assert {version_of[f"c{i}"] for i in range(100)} == {v2}
+    assert worker.watcher.refused[v3] == "IntegrityError"
+    refused = worker.metrics.reloads.labels(result="refused", reason="IntegrityError")._value.get()
+    assert refused == 1
+
+
+def _produce_stream(bootstrap, topic, n, rate_per_s=None, tag="x"):
+    p = producer(bootstrap)
+    rows = normal_rows(n, seed=7)
+    start = time.monotonic()
+    for i, row in enumerate(rows):
+        p.send(topic, key=str(i % 11).encode(), value=codec.encode_json(row, id=f"{tag}{i}"))
+        if rate_per_s and i % 100 == 99:
+            p.flush()
+            ahead = (i + 1) / rate_per_s - (time.monotonic() - start)
+            if ahead > 0:
+                time.sleep(ahead)
+    p.flush()
+    p.close()
+
+
+@pytest.mark.parametrize("delivery", ["at-least-once", "exactly-once"])
+def test_kill_9_mid_stream_then_restart_loses_nothing(
+    broker, topics, model_dir, tmp_path, delivery
+):
+    n = 6000
+    env = worker_env(
+        broker.bootstrap,
+        topics,
+        model_dir,
+        WORKER_EMIT="all",
+        WORKER_DELIVERY=delivery,
+        WORKER_MAX_BATCH_SIZE=200,
+        WORKER_TRANSACTIONAL_ID=topics["group"] + "-w1",
+    )
+    producer_thread = threading.Thread(
+        target=_produce_stream, args=(broker.bootstrap, topics["input"], n, 3000)
+    )
+    producer_thread.start()
+    proc = start_worker(env, tmp_path / "w1.log")
+    # let it score part of the stream, then kill it without warning
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if (
+            sum(committed_offsets(broker.bootstrap, topics["group"], topics["input"]).values())
+            > 500
+        ):
+            break
+        time.sleep(0.1)
+    proc.kill()
+    proc.wait()
+    producer_thread.join()
+    done_before = sum(
+        committed_offsets(broker.bootstrap, topics["group"], topics["input"]).values()
+    )
+    assert 0 < done_before < n, "the kill should land mid-stream"
+
+    proc = start_worker({**env, "WORKER_IDLE_TIMEOUT_S": "5"}, tmp_path / "w2.log")
+    assert proc.wait(timeout=120) == 0, (tmp_path / "w2.log").read_text()[-3000:]
+    assert sum(committed_offsets(broker.bootstrap, topics["group"], topics["input"]).values()) == n
+
+    isolation = "read_committed" if delivery == "exactly-once" else "read_uncommitted"
+    events = events_of(
+        read_topic(
+            broker.bootstrap, topics["output"], expect=n, isolation_level=isolation, timeout_s=60
+        )
+    )
+    ids = Counter(e["event_id"] for e in events)
+    assert {e["id"] for e in events} == {f"x{i}" for i in range(n)}  # nothing lost
+    if delivery == "exactly-once":
+        assert max(ids.values()) == 1, "a read_committed consumer must see no duplicate"
+        assert len(events) == n
+
+
+def test_sigterm_drains_and_commits(broker, topics, model_dir, tmp_path):
+    n = 3000
+    _produce_stream(broker.bootstrap, topics["input"], n)
+    proc = start_worker(
+        worker_env(broker.bootstrap, topics, model_dir, WORKER_EMIT="all"), tmp_path / "w.log"
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if sum(committed_offsets(broker.bootstrap, topics["group"], topics["input"]).values()) >= n:
+            break
+        time.sleep(0.1)
+    assert stop_worker(proc, signal.SIGTERM) == 0
+    log = (tmp_path / "w.log").read_text()
+    assert '"event": "worker_stopped"' in log and "Traceback" not in log
+    assert sum(committed_offsets(broker.bootstrap, topics["group"], topics["input"]).values()) == n
+    assert len(events_of(read_topic(broker.bootstrap, topics["output"], expect=n))) == n
+
+
+def test_two_workers_split_partitions_and_score_everything(broker, topics, model_dir, tmp_path):
+    n = 4000
+    env = worker_env(
+        broker.bootstrap, topics, model_dir, WORKER_EMIT="all", WORKER_IDLE_TIMEOUT_S="8"
+    )
+    procs = [start_worker(env, tmp_path / f"w{i}.log") for i in range(2)]
+    time.sleep(3)  # both join the group before the stream starts
+    _produce_stream(broker.bootstrap, topics["input"], n, rate_per_s=2000)
+    for i, proc in enumerate(procs):
+        assert proc.wait(timeout=120) == 0, (tmp_path / f"w{i}.log").read_text()[-3000:]
+    events = events_of(read_topic(broker.bootstrap, topics["output"], expect=n))
+    assert {e["id"] for e in events} == {f"x{i}" for i in range(n)}
+    logs = [(tmp_path / f"w{i}.log").read_text() for i in range(2)]
+    scored = [
+        int(orjson.loads([ln for ln in log.splitlines() if "worker_stopped" in ln][-1])["records"])
+        for log in logs
+    ]
+    assert all(s > 0 for s in scored), f"both workers must take part: {scored}"
+
+
+def test_failing_publish_commits_nothing(broker, topics, model_dir):
+    n = 300
+    _produce_stream(broker.bootstrap, topics["input"], n)
+    worker = Worker(settings_for(broker, topics, model_dir, emit="all", max_records=n))
+    failures = {"left": 3}
+    seen_commits = []
+    real_connect = worker._connect
+
+    def connect_then_break_publishing():
+        real_connect()
+        real_send = worker.producer.send
+        real_commit = worker.consumer.commit
+        real_flush = worker.producer.flush
+
+        def send(topic, **kw):
+            if failures["left"] > 0:
+                return Future().failure(KafkaError("injected: broker refused the write"))
+            return real_send(topic, **kw)
+
+        def flush_then_count(*a, **kw):
+            if failures["left"] > 0:
+                failures["left"] -= 1
+            return real_flush(*a, **kw)
+
+        def commit(offsets=None, **kw):
+            seen_commits.append(failures["left"])
+            return real_commit(offsets, **kw)
+
+        worker.producer.send = send
+        worker.producer.flush = flush_then_count
+        worker.consumer.commit = commit
+
+    worker._connect = connect_then_break_publishing
+    summary = worker.run()
+    assert summary.publish_failures == 3
+    assert all(left == 0 for left in seen_commits), "no commit may happen while publishing fails"
+    assert sum(committed_offsets(broker.bootstrap, topics["group"], topics["input"]).values()) == n
+    events = events_of(read_topic(broker.bootstrap, topics["output"], expect=n))
+    assert {e["id"] for e in events} == {f"x{i}" for i in range(n)}
