@@ -14,6 +14,7 @@ from training.penalty import (
     contractive_penalty,
     estimated_penalty,
     exact_penalty,
+    projected_penalty,
 )
 from worker.model import CAEConfig, ContractiveAutoencoder
 
@@ -56,6 +57,25 @@ def test_estimate_is_unbiased_within_its_standard_error(depth):
     draws = torch.stack([estimated_penalty(model.encode, x, 1, gen) for _ in range(400)])
     se = (draws.std() / len(draws) ** 0.5).item()
     assert abs(draws.mean().item() - want) < 5 * se
+
+
+@pytest.mark.parametrize(("activation", "depth"), list(itertools.product(ACTIVATIONS, DEPTHS)))
+def test_projected_estimate_is_the_jvp_estimate(activation, depth):
+    """Forward-mode by hand draws the same v and computes the same J v as torch.func.jvp."""
+    model, x = make_model(activation, DEPTHS[depth]), inputs(5)
+    by_hand, code = projected_penalty(model, x, 3, torch.Generator().manual_seed(9))
+    by_jvp = estimated_penalty(model.encode, x, 3, torch.Generator().manual_seed(9))
+    torch.testing.assert_close(by_hand, by_jvp, rtol=1e-10, atol=0)
+    torch.testing.assert_close(code, model.encode(x))
+
+
+@pytest.mark.parametrize("depth", DEPTHS)
+def test_projected_estimate_is_unbiased(depth):
+    model, x = make_model("softplus", DEPTHS[depth]), inputs(8)
+    want = reference_penalty(model, x).item()
+    gen = torch.Generator().manual_seed(321)
+    draws = torch.stack([projected_penalty(model, x, 1, gen)[0] for _ in range(400)])
+    assert abs(draws.mean().item() - want) < 5 * (draws.std() / len(draws) ** 0.5).item()
 
 
 def test_estimate_error_shrinks_with_projections():
