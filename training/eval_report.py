@@ -1,0 +1,179 @@
+"""Summaries, markdown tables and the plot of an evaluation run (training.evaluate)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+AUTOENCODER_FIELDS = (
+    "fpr_at_threshold",
+    "tpr_at_threshold",
+    "p_value_ks",
+    "jacobian_fro",
+    "jacobian_fro_sq",
+    "penalty_weight",
+    "epochs",
+    "best_epoch",
+)
+
+
+def _ms(values: Sequence[float]) -> dict:
+    a = np.asarray(values, dtype=np.float64)
+    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0}
+
+
+def summarise(
+    runs: list[dict], methods: Sequence[str], datasets: Sequence[str], sigmas: Sequence[float]
+) -> dict:
+    """Mean and std over seeds per (data set, method), and the mean over data sets."""
+    out: dict = {"per_dataset": {}, "mean_over_datasets": {}}
+    for ds in datasets:
+        out["per_dataset"][ds] = {}
+        for m in methods:
+            rows = [r for r in runs if r["dataset"] == ds and r["method"] == m]
+            if not rows:
+                continue
+            s = {
+                "roc_auc": _ms([r["roc_auc"] for r in rows]),
+                "pr_auc": _ms([r["pr_auc"] for r in rows]),
+                "fit_s": _ms([r["fit_s"] for r in rows]),
+                "roc_auc_drop": {
+                    str(sig): _ms([r["roc_auc"] - r["noisy_roc_auc"][str(sig)] for r in rows])
+                    for sig in sigmas
+                },
+            }
+            for f in AUTOENCODER_FIELDS:
+                if f in rows[0]:
+                    s[f] = _ms([r[f] for r in rows])
+            out["per_dataset"][ds][m] = s
+    for m in methods:
+        per = [out["per_dataset"][ds][m] for ds in datasets if m in out["per_dataset"][ds]]
+        out["mean_over_datasets"][m] = {
+            "roc_auc": float(np.mean([p["roc_auc"]["mean"] for p in per])),
+            "pr_auc": float(np.mean([p["pr_auc"]["mean"] for p in per])),
+        }
+    return out
+
+
+def _pm(s: dict, digits: int = 3) -> str:
+    return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
+
+
+def _metric_table(summary: dict, datasets, methods, metric: str) -> list[str]:
+    lines = ["| data set | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
+    for ds in datasets:
+        cells = [_pm(summary["per_dataset"][ds][m][metric]) for m in methods]
+        lines.append(f"| {ds} | " + " | ".join(cells) + " |")
+    means = [f"**{summary['mean_over_datasets'][m][metric]:.3f}**" for m in methods]
+    lines.append("| **mean** | " + " | ".join(means) + " |")
+    return lines
+
+
+def render_markdown(results: dict) -> str:
+    meta, summary = results["meta"], results["summary"]
+    datasets, methods, sigmas = meta["datasets"], meta["methods"], meta["noise_sigmas"]
+    aes = [m for m in methods if m == "ae" or m.startswith("cae")]
+    n = len(meta["seeds"])
+    out = [
+        f"Command: `{meta.get('command', 'python -m training.evaluate')}` — "
+        f"{meta['date']}, {meta['machine']}, {meta['wall_s']:.0f} s.",
+        "",
+        f"### ROC-AUC (mean ± std over {n} seeds)",
+        "",
+        *_metric_table(summary, datasets, methods, "roc_auc"),
+        "",
+        f"### PR-AUC (average precision, mean ± std over {n} seeds)",
+        "",
+        *_metric_table(summary, datasets, methods, "pr_auc"),
+        "",
+        f"### Threshold at target FPR {meta['train_config']['target_fpr']:.0%} "
+        "(measured on the test inliers) and p-value uniformity",
+        "",
+        "| data set | method | test inliers | FPR | TPR (recall) | KS distance of inlier p-values |",
+        "|---|---|---|---|---|---|",
+    ]
+    for ds in datasets:
+        n_inl = next((r.get("n_test_inliers") for r in results["runs"] if r["dataset"] == ds), None)
+        for m in aes:
+            s = summary["per_dataset"][ds].get(m)
+            if s and "fpr_at_threshold" in s:
+                out.append(
+                    f"| {ds} | {m} | {n_inl if n_inl is not None else ''} | "
+                    f"{_pm(s['fpr_at_threshold'])} | {_pm(s['tpr_at_threshold'])} | "
+                    f"{_pm(s['p_value_ks'])} |"
+                )
+    sig_cols = " | ".join(f"ΔAUC σ={s}" for s in sigmas)
+    out += [
+        "",
+        "### Contraction: encoder Jacobian on test rows, and ROC-AUC lost under input noise",
+        "",
+        "σ in training standard deviations per feature, added to every test row; "
+        "ΔAUC = clean − noisy ROC-AUC (positive = lost).",
+        "",
+        f"| data set | method | λ | mean ‖J‖_F | {sig_cols} |",
+        "|---|---|---|---|" + "---|" * len(sigmas),
+    ]
+    for ds in datasets:
+        for m in methods:
+            s = summary["per_dataset"][ds].get(m)
+            if not s:
+                continue
+            lam = _pm(s["penalty_weight"], 4) if "penalty_weight" in s else "—"
+            jac = _pm(s["jacobian_fro"], 2) if "jacobian_fro" in s else "—"
+            drops = " | ".join(_pm(s["roc_auc_drop"][str(sig)]) for sig in sigmas)
+            out.append(f"| {ds} | {m} | {lam} | {jac} | {drops} |")
+    out += [
+        "",
+        "### Fit time (seconds, 2 cores)",
+        "",
+        "| data set | " + " | ".join(methods) + " |",
+        "|---" * (len(methods) + 1) + "|",
+    ]
+    for ds in datasets:
+        cells = [f"{summary['per_dataset'][ds][m]['fit_s']['mean']:.2f}" for m in methods]
+        out.append(f"| {ds} | " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
+def render_plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    meta, summary = results["meta"], results["summary"]
+    datasets, methods, sigmas = meta["datasets"], meta["methods"], meta["noise_sigmas"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    width = 0.8 / len(methods)
+    xs = np.arange(len(datasets))
+    for i, m in enumerate(methods):
+        means = [summary["per_dataset"][d][m]["roc_auc"]["mean"] for d in datasets]
+        stds = [summary["per_dataset"][d][m]["roc_auc"]["std"] for d in datasets]
+        ax1.bar(xs + (i - (len(methods) - 1) / 2) * width, means, width, yerr=stds, label=m)
+    ax1.set_xticks(xs, datasets)
+    ax1.set_ylim(0.5, 1.0)
+    ax1.set_ylabel("ROC-AUC")
+    ax1.set_title(f"ROC-AUC, mean ± std over {len(meta['seeds'])} seeds")
+    ax1.legend(fontsize=8)
+    grid = [0.0, *sigmas]
+    for m in methods:
+        mean_auc = [
+            np.mean(
+                [
+                    summary["per_dataset"][d][m]["roc_auc"]["mean"]
+                    - (summary["per_dataset"][d][m]["roc_auc_drop"][str(s)]["mean"] if s else 0.0)
+                    for d in datasets
+                ]
+            )
+            for s in grid
+        ]
+        ax2.plot(grid, mean_auc, marker="o", label=m)
+    ax2.set_xlabel("Gaussian noise σ (training std units) added to test rows")
+    ax2.set_ylabel("ROC-AUC, mean over data sets")
+    ax2.set_title("Robustness to input noise")
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
