@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from training.penalty import PenaltyMode, cae_loss
 from worker.checkpoint import Checkpoint, Golden, Manifest, Scaler, calibration_summary
 from worker.model import Activation, CAEConfig, ContractiveAutoencoder
-from worker.scoring import Scorer
+from worker.scoring import ScoreKind, Scorer
 
 GOLDEN_ROWS = 8
 
@@ -33,10 +33,11 @@ class TrainConfig(BaseModel):
     code_dim: int | None = Field(default=None, gt=0)  # None: sized by input (CAEConfig.for_input)
     hidden: tuple[int, ...] = ()
     activation: Activation = "sigmoid"
-    penalty_weight: float | Literal["auto"] = 0.01
+    penalty_weight: float | Literal["auto"] = 0.1
     penalty_mode: PenaltyMode = "closed"
     n_projections: int = Field(default=1, gt=0)
     scaler: Literal["standard", "robust"] = "standard"
+    score: ScoreKind = "mae"
     max_epochs: int = Field(default=300, gt=0)
     patience: int = Field(default=20, gt=0)
     batch_size: int = Field(default=128, gt=0)
@@ -206,6 +207,7 @@ def fit(
         input_dim=x.shape[1],
         architecture=arch,
         scaler=scaler,
+        score=config.score,
         threshold=0.0,
         target_fpr=config.target_fpr,
         calibration=[0.0],

@@ -98,7 +98,8 @@ class Manifest(BaseModel):
     input_dim: int = Field(gt=0)
     architecture: CAEConfig
     scaler: Scaler
-    score: Literal["mse"] = "mse"
+    # How per-feature errors become one score (worker.scoring.errors_to_score).
+    score: Literal["mse", "mae"] = "mse"
     threshold: float
     target_fpr: float = Field(gt=0, lt=1)
     # Sorted scores of held-out normal rows; p-value = share of them >= a score.

@@ -47,9 +47,22 @@ def reconstruction_errors(
     return (x_scaled - recon).square(), recon
 
 
-def errors_to_score(err: torch.Tensor) -> torch.Tensor:
-    """One score per row: the mean per-feature squared error (scaled units)."""
-    return err.mean(dim=1)
+ScoreKind = Literal["mse", "mae"]
+
+
+def errors_to_score(err: torch.Tensor, kind: ScoreKind) -> torch.Tensor:
+    """One score per row from its per-feature squared errors (scaled units).
+
+    ``mae``: mean absolute error — each feature's residual counts linearly, so a
+    few noisy, poorly reconstructed features do not drown a deviation spread over
+    many. ``mse``: mean squared error. The trainer and the worker both score through
+    this function, with the kind the checkpoint's manifest names.
+    """
+    if kind == "mae":
+        return err.sqrt().mean(dim=1)
+    if kind == "mse":
+        return err.mean(dim=1)
+    raise ValueError(f"unknown score {kind!r}")
 
 
 class Scorer:
@@ -105,7 +118,7 @@ class Scorer:
         """Scores only, for a float32 tensor already on the device (benchmarks, evaluation)."""
         xs = (x - self._center) * self._inv_scale
         err, _ = reconstruction_errors(self.model, xs.to(self._model_dtype))
-        return errors_to_score(err.float())
+        return errors_to_score(err.float(), self.manifest.score)
 
     @property
     def _model_dtype(self) -> torch.dtype:
@@ -120,7 +133,7 @@ class Scorer:
         xs = (xd - self._center) * self._inv_scale
         err, recon = reconstruction_errors(self.model, xs.to(self._model_dtype))
         err = err.float()
-        scores = errors_to_score(err)
+        scores = errors_to_score(err, self.manifest.score)
         n_cal = self._calibration.numel()
         below = torch.searchsorted(self._calibration, scores, side="left")
         p_values = (n_cal - below + 1).float() / (n_cal + 1)
