@@ -17,7 +17,6 @@ import structlog
 from pydantic import ValidationError
 from pydantic_settings import CliApp, SettingsError
 
-from training.data import Dataset, load_dataset
 from training.fit import DataError, FitResult, TrainConfig, fit
 from training.report import build_report, write_report
 from training.settings import (
@@ -28,6 +27,7 @@ from training.settings import (
     train_config_error_message,
 )
 from worker.checkpoint import list_versions, publish
+from worker.datafile import Dataset, load_dataset
 from worker.scoring import Scorer, load_scorer
 
 EXIT_USAGE = 2

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from training.penalty import PenaltyMode, cae_loss
 from worker.checkpoint import Checkpoint, Golden, Manifest, Scaler, calibration_summary
+from worker.datafile import DataError  # noqa: F401 - re-exported for the trainer
 from worker.model import Activation, CAEConfig, ContractiveAutoencoder
 from worker.scoring import ScoreKind, Scorer
 
@@ -52,10 +53,6 @@ class TrainConfig(BaseModel):
         if self.code_dim is not None:
             over["code_dim"] = self.code_dim
         return CAEConfig.for_input(input_dim, **over)
-
-
-class DataError(ValueError):
-    """Training data a user supplied that cannot be trained on; the message says why."""
 
 
 def fit_scaler(x: np.ndarray, kind: str = "standard") -> Scaler:

@@ -168,7 +168,14 @@ class Codec:
                 try:
                     doc = orjson.loads(value)
                 except orjson.JSONDecodeError as e:
-                    code = UNDECODABLE if "UTF-8" in str(e) else INVALID_JSON
+                    msg = str(e)
+                    code = (
+                        UNDECODABLE
+                        if "UTF-8" in msg
+                        else NON_FINITE
+                        if "infinity" in msg
+                        else INVALID_JSON
+                    )
                     rejected.append(Rejected(rec, code, str(e)[:200]))
                     continue
                 feats, rid, ts, code, detail = self._features_from_json(doc)

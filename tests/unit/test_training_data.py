@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from training import metrics
-from training.data import load_dataset
+from worker.datafile import load_dataset
 from training.fit import DataError
 
 

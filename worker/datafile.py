@@ -1,11 +1,14 @@
-"""Loading training data from a file: CSV, .npy, .npz or Parquet.
+"""Reading feature data from a file: CSV, .npy, .npz or Parquet.
 
-Every problem a user can cause raises `DataError` (training.fit) with one line that
+Used by the trainer (training) and by offline scoring (python -m worker score).
+Every problem a user can cause raises `DataError` with one line that
 names the file and, where it applies, the column and the row. Rows are numbered
 from 1 in file order, counting data rows only (a CSV's header is not a row).
 
 Non-finite values (NaN, ±Inf, empty CSV cells, Parquet nulls) are refused, not
 dropped: a model trained on silently filtered data hides a broken pipeline.
+Offline scoring asks for `bad_rows="keep"` instead: unreadable cells become NaN
+and the caller reports each bad row by number and leaves it out.
 """
 
 from __future__ import annotations
@@ -13,10 +16,14 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
-from training.fit import DataError
+
+class DataError(ValueError):
+    """Data a user supplied that cannot be used; the message says why, in one line."""
+
 
 # training.fit.fit refuses fewer; checked here first so the message can say why.
 MIN_TRAIN_ROWS = 10
@@ -62,6 +69,7 @@ def load_dataset(
     path: str | Path,
     label_column: str | None = None,
     id_column: str | None = None,
+    bad_rows: Literal["refuse", "keep"] = "refuse",
 ) -> Dataset:
     """Load a data file by its extension.
 
@@ -89,20 +97,20 @@ def load_dataset(
             f"{path}: unknown data format {suffix or '(no extension)'!r}; allowed: {allowed}"
         )
     try:
-        data = loader(path, label_column, id_column)
+        data = loader(path, label_column, id_column, bad_rows == "refuse")
     except OSError as e:
         raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
-    _check_rows(path, data)
+    _check_rows(path, data, bad_rows == "refuse")
     return data
 
 
-def _check_rows(path: Path, data: Dataset) -> None:
+def _check_rows(path: Path, data: Dataset, refuse_non_finite: bool = True) -> None:
     if data.x.shape[1] == 0:
         raise DataError(f"{path}: no feature columns")
     if len(data.x) == 0:
         raise DataError(f"{path}: no data rows")
     bad = ~np.isfinite(data.x).all(axis=1)
-    if bad.any():
+    if bad.any() and refuse_non_finite:
         first = int(np.argmax(bad))
         col = data.feature_names[int(np.argmax(~np.isfinite(data.x[first])))]
         raise DataError(
@@ -144,13 +152,20 @@ def parse_labels(path: Path, column: str, values: list) -> np.ndarray:
     return out
 
 
-def _parse_numeric_column(path: Path, name: str, cells: list[str]) -> np.ndarray:
-    """Strings to float64; empty cells become NaN (refused later with the row count)."""
+def _parse_numeric_column(
+    path: Path, name: str, cells: list[str], strict: bool = True
+) -> np.ndarray:
+    """Strings to float64; empty cells become NaN (refused later with the row count).
+
+    Not strict: a cell that is not a number becomes NaN too, for the caller to report.
+    """
     arr = np.asarray([c if c.strip() else "nan" for c in cells], dtype=str)
     try:
         return arr.astype(np.float64)
     except ValueError:
         pass
+    if not strict:
+        return np.asarray([_float_or_nan(c) for c in cells], dtype=np.float64)
     for i, cell in enumerate(cells):
         try:
             float(cell) if cell.strip() else None
@@ -161,7 +176,16 @@ def _parse_numeric_column(path: Path, name: str, cells: list[str]) -> np.ndarray
     raise AssertionError("unreachable: numpy refused a column that float() accepts")
 
 
-def _load_csv(path: Path, label_column: str | None, id_column: str | None) -> Dataset:
+def _float_or_nan(cell: str) -> float:
+    try:
+        return float(cell)
+    except ValueError:
+        return float("nan")
+
+
+def _load_csv(
+    path: Path, label_column: str | None, id_column: str | None, strict: bool = True
+) -> Dataset:
     with open(path, newline="", encoding="utf-8-sig") as f:
         rows = list(csv.reader(f))
     while rows and not any(cell.strip() for cell in rows[-1]):
@@ -181,7 +205,7 @@ def _load_csv(path: Path, label_column: str | None, id_column: str | None) -> Da
     features = [(j, n) for j, n in enumerate(header) if n not in (label, ident)]
     x = np.empty((len(body), len(features)), dtype=np.float32)
     for k, (j, name) in enumerate(features):
-        x[:, k] = _parse_numeric_column(path, name, list(columns[j]))
+        x[:, k] = _parse_numeric_column(path, name, list(columns[j]), strict)
     return Dataset(
         x=x,
         feature_names=[n for _, n in features],
@@ -200,13 +224,17 @@ def _numeric_matrix(path: Path, arr: np.ndarray, what: str) -> np.ndarray:
     return arr.astype(np.float32)
 
 
-def _load_npy(path: Path, label_column: str | None, id_column: str | None) -> Dataset:
+def _load_npy(
+    path: Path, label_column: str | None, id_column: str | None, strict: bool = True
+) -> Dataset:
     arr = _np_load(path)
     x = _numeric_matrix(path, arr, "the array")
     return Dataset(x=x, feature_names=[f"f{i}" for i in range(x.shape[1])])
 
 
-def _load_npz(path: Path, label_column: str | None, id_column: str | None) -> Dataset:
+def _load_npz(
+    path: Path, label_column: str | None, id_column: str | None, strict: bool = True
+) -> Dataset:
     with _np_load(path) as z:
         keys = list(z.files)
         if "X" in keys:
@@ -246,7 +274,9 @@ def _np_load(path: Path):
         raise DataError(f"{path}: not a readable numpy file ({e})") from None
 
 
-def _load_parquet(path: Path, label_column: str | None, id_column: str | None) -> Dataset:
+def _load_parquet(
+    path: Path, label_column: str | None, id_column: str | None, strict: bool = True
+) -> Dataset:
     try:
         import pyarrow.parquet as pq
     except ImportError:
@@ -269,7 +299,7 @@ def _load_parquet(path: Path, label_column: str | None, id_column: str | None) -
             x[:, k] = np.asarray([np.nan if v is None else v for v in values], dtype=np.float64)
         else:
             x[:, k] = _parse_numeric_column(
-                path, name, ["" if v is None else str(v) for v in values]
+                path, name, ["" if v is None else str(v) for v in values], strict
             )
     return Dataset(
         x=x,
