@@ -8,8 +8,11 @@ the human summary go to stderr. A mistake the user can fix ends with one
 from __future__ import annotations
 
 import shutil
+import signal
 import sys
 import tempfile
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +20,7 @@ import structlog
 from pydantic import ValidationError
 from pydantic_settings import CliApp, SettingsError
 
-from training.fit import DataError, FitResult, TrainConfig, fit
+from training.fit import DataError, FitResult, TrainConfig, fit, split_holdout
 from training.report import build_report, write_report
 from training.settings import (
     PROG,
@@ -47,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = parse_settings(sys.argv[1:] if argv is None else argv)
         config = train_config(settings)
+        if settings.from_kafka:
+            ensure_writable(settings.out, "--out")
+            return run_from_kafka(settings, config, interactive)
         dataset = load_dataset(settings.data, settings.label_column, settings.id_column)
         dataset.require_training_rows(settings.data)
         ensure_writable(settings.out, "--out")
@@ -71,8 +77,6 @@ def parse_settings(argv: list[str]) -> TrainerSettings:
         raise UsageError(f"{detail} (see {PROG} --help)") from None
     except ValidationError as e:
         raise UsageError(settings_error_message(e)) from None
-    if settings.from_kafka or settings.every_seconds is not None:
-        raise UsageError("--from-kafka and --every-seconds are not implemented yet (see issue 4)")
     return settings
 
 
@@ -95,8 +99,14 @@ def ensure_writable(directory: Path, flag: str) -> None:
 
 
 def train_and_publish(
-    settings: TrainerSettings, config: TrainConfig, dataset: Dataset, interactive: bool
-) -> str:
+    settings: TrainerSettings,
+    config: TrainConfig,
+    dataset: Dataset,
+    interactive: bool,
+    accept: Callable[[FitResult, np.ndarray], bool] | None = None,
+) -> str | None:
+    """Fit, publish (verified before LATEST moves), report. With `accept`, a candidate
+    it refuses (given the fit and its held-out rows) is not published: returns None."""
     normal = dataset.normal_rows
     log.info(
         "data loaded",
@@ -109,6 +119,10 @@ def train_and_publish(
     extra_metrics = {"data_rows": len(dataset), "anomaly_rows_excluded": len(dataset) - len(normal)}
     with EpochProgress(config.max_epochs, interactive) as progress:
         result = fit(normal, dataset.feature_names, config, extra_metrics, on_epoch=progress.update)
+    if accept is not None:
+        holdout = normal[split_holdout(len(normal), config.holdout_fraction, config.seed)[1]]
+        if not accept(result, holdout):
+            return None
 
     verified: list[Scorer] = []
     version = publish(
@@ -136,6 +150,73 @@ def train_and_publish(
     if settings.report_dir is None:
         prune_reports(settings.out)
     print(human_summary(version, settings.out, result, report, report_dir), file=sys.stderr)
+    return version
+
+
+def run_from_kafka(settings: TrainerSettings, config: TrainConfig, interactive: bool) -> int:
+    """One retraining cycle from the input topic, or one every --every-seconds until SIGTERM."""
+    from kafka.errors import KafkaError
+
+    from training.from_kafka import SnapshotError
+
+    stop = threading.Event()
+    if settings.every_seconds is not None:
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    while True:
+        try:
+            version = kafka_cycle(settings, config, interactive)
+            if version:
+                print(version, flush=True)
+        except (SnapshotError, DataError, KafkaError, OSError) as e:
+            if settings.every_seconds is None:
+                raise UsageError(f"retraining from {settings.input_topic!r}: {e}") from None
+            log.warning("retraining cycle skipped", error=str(e) or type(e).__name__)
+        if settings.every_seconds is None or stop.wait(settings.every_seconds):
+            return 0
+
+
+def kafka_cycle(settings: TrainerSettings, config: TrainConfig, interactive: bool) -> str | None:
+    from training.from_kafka import compare_with_live, live_scorer, read_snapshot, snapshot_rows
+
+    live = live_scorer(settings.out)
+    records = read_snapshot(
+        settings.kafka,
+        settings.input_topic,
+        settings.max_records or 20_000,
+        settings.max_seconds or 120.0,
+    )
+    snap = snapshot_rows(records, live)
+    log.info(
+        "snapshot",
+        topic=settings.input_topic,
+        records=snap.records,
+        rejected=snap.rejected,
+        excluded_anomalies=snap.excluded_anomalies,
+        rows=len(snap.rows),
+        live_model=live.version if live else None,
+    )
+    dataset = Dataset(x=snap.rows, feature_names=snap.feature_names)
+    dataset.require_training_rows(f"topic {settings.input_topic}")
+
+    def not_worse(result: FitResult, holdout: np.ndarray) -> bool:
+        if live is None:
+            return True
+        ok, new, old = compare_with_live(result.scorer(), live, holdout)
+        log.info(
+            "candidate vs live",
+            candidate_error=new,
+            live_error=old,
+            publish=ok,
+            live_model=live.version,
+        )
+        return ok
+
+    version = train_and_publish(settings, config, dataset, interactive, accept=not_worse)
+    if version is None:
+        print(
+            "candidate not published: worse than the live model on held-out normal rows",
+            file=sys.stderr,
+        )
     return version
 
 

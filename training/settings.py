@@ -92,8 +92,14 @@ class TrainerSettings(BaseSettings):
     activation: Activation | None = Field(default=None, description="encoder activation")
     scaler: Literal["standard", "robust"] | None = Field(default=None, description="input scaler")
 
-    # Reading the input topic and periodic retraining: see issue 4 (not implemented yet).
-    from_kafka: bool = Field(default=False, description="train from the input topic (see issue 4)")
+    # Retraining from the input topic, once or periodically.
+    from_kafka: bool = Field(
+        default=False,
+        description="train on a bounded snapshot of the input topic; publish only if not worse than the live model",
+    )
+    input_topic: str = Field(
+        default="features", description="--from-kafka: the topic to read (WORKER_INPUT_TOPIC)"
+    )
     max_records: int | None = Field(
         default=None, gt=0, description="--from-kafka: stop after N records"
     )
@@ -126,6 +132,8 @@ class TrainerSettings(BaseSettings):
             raise ValueError(f"--data FILE (or {ENV_PREFIX}DATA) is required")
         if self.data is not None and self.from_kafka:
             raise ValueError("give either --data or --from-kafka, not both")
+        if self.every_seconds is not None and not self.from_kafka:
+            raise ValueError("--every-seconds retrains from the stream: it needs --from-kafka")
         return self
 
     def train_config(self) -> TrainConfig:

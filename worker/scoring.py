@@ -125,6 +125,13 @@ class Scorer:
         return torch.bfloat16 if self.precision == "bf16" else torch.float32
 
     @torch.inference_mode()
+    def reconstruct(self, x: np.ndarray) -> np.ndarray:
+        """The model's reconstruction of raw rows, in input units (float32 [B, D])."""
+        xs = (self._to_device(x) - self._center) * self._inv_scale
+        recon = self.model(xs.to(self._model_dtype)).float()
+        return (recon * self._scale + self._center).cpu().numpy()
+
+    @torch.inference_mode()
     def score_batch(self, x: np.ndarray) -> BatchScores:
         """Score B raw rows (float32 [B, D], input units)."""
         if x.ndim != 2 or x.shape[1] != self.input_dim:

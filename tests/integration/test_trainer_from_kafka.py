@@ -1,0 +1,114 @@
+"""python -m training --from-kafka against the embedded broker."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from tests.integration.conftest import FEATURES, normal_rows
+from tests.integration.kafka_helpers import ROOT, producer
+from worker import codec
+from worker.checkpoint import list_versions, publish, read_latest
+from worker.scoring import load_scorer
+
+
+def run_trainer(bootstrap, topic, out, *flags):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TRAINER_", "KAFKA_"))}
+    env.update(KAFKA_BOOTSTRAP_SERVERS=bootstrap, TRAINER_INPUT_TOPIC=topic)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "training",
+            "--from-kafka",
+            "--out",
+            str(out),
+            "--max-seconds",
+            "30",
+            *flags,
+        ],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def produce(bootstrap, topic, rows, as_dict=False):
+    p = producer(bootstrap)
+    for row in rows:
+        if as_dict:
+            p.send(
+                topic,
+                value=codec.orjson.dumps(
+                    {"features": dict(zip(FEATURES, map(float, row), strict=True))}
+                ),
+            )
+        else:
+            p.send(topic, value=codec.encode_json(row))
+    p.send(topic, value=b"not a record")  # rejected by the codec, not trained on
+    p.flush()
+    p.close()
+
+
+def test_first_model_from_the_stream_then_anomalies_left_out(broker, topics, tmp_path):
+    out = tmp_path / "models"
+    produce(broker.bootstrap, topics["input"], normal_rows(1500, 20), as_dict=True)
+    r = run_trainer(
+        broker.bootstrap, topics["input"], out, "--epochs", "30", "--max-records", "1600"
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    v1 = r.stdout.strip().splitlines()[-1]
+    assert read_latest(out) == v1
+    first = load_scorer(out / v1)
+    assert sorted(first.feature_names) == sorted(FEATURES)  # names learnt from the records
+
+    # Now the stream carries obvious anomalies too: the live model's verdict keeps them out.
+    rows = normal_rows(1500, 21)
+    rows[::50] += 40.0
+    produce(broker.bootstrap, topics["input"], rows)
+    r = run_trainer(
+        broker.bootstrap,
+        topics["input"],
+        out,
+        "--epochs",
+        "30",
+        "--max-records",
+        "1501",
+        "--seed",
+        "1",
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert '"excluded_anomalies": ' in r.stderr
+    excluded = int(r.stderr.split('"excluded_anomalies": ')[1].split(",")[0])
+    assert excluded >= 30  # the 30 planted rows (and perhaps a few borderline ones)
+    v2 = read_latest(out)
+    assert v2 != v1 and r.stdout.strip().splitlines()[-1] == v2
+
+
+def test_a_candidate_worse_than_the_live_model_is_not_published(broker, topics, tmp_path, trained):
+    out = tmp_path / "models"
+    _, _, good = trained
+    live = publish(out, good.model, good.manifest)
+    produce(broker.bootstrap, topics["input"], normal_rows(300, 22))
+    # one epoch on a small snapshot: a clearly worse model than the live one
+    r = run_trainer(broker.bootstrap, topics["input"], out, "--epochs", "1", "--lr", "0.0001")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "not published" in r.stderr
+    assert read_latest(out) == live and list_versions(out) == [live]
+
+
+def test_missing_topic_is_one_line(broker, tmp_path):
+    r = run_trainer(
+        broker.bootstrap,
+        "no-such-topic-" + os.urandom(4).hex(),
+        tmp_path / "m",
+        "--max-seconds",
+        "5",
+    )
+    assert r.returncode == 2
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in r.stderr
+    assert not (tmp_path / "m" / "LATEST").exists()
