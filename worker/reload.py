@@ -81,6 +81,7 @@ class CheckpointWatcher:
         deadline = time.monotonic() + timeout_s
         announced = False
         while True:
+            self.metrics.heartbeat()  # waiting for a model is alive, not stalled
             scorer = self.check_once()
             if scorer is not None:
                 return scorer

@@ -152,6 +152,8 @@ class Worker:
                     heartbeat_interval_ms=s.heartbeat_interval_ms,
                     isolation_level="read_committed",
                     max_partition_fetch_bytes=4 * 1024 * 1024,
+                    # A fetch the broker parks for lack of data must not outwait the batch deadline.
+                    fetch_max_wait_ms=min(500, max(5, s.max_batch_wait_ms)),
                 )
                 self.consumer.subscribe([s.input_topic], listener=_FlushOnRevoke(self))
                 log.info(
