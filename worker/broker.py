@@ -33,13 +33,21 @@ def broker_binary() -> str:
 class EmbeddedBroker:
     """Start Tansu on a free loopback port; `bootstrap` is its host:port.
 
+    `advertised_port` makes the broker tell clients to connect to another loopback
+    port (a fault-injecting proxy in front of it, say); `bootstrap` is then that port.
     Use as a context manager, or call start()/stop(). stop() always reaps the
     process, so nothing is left behind.
     """
 
-    def __init__(self, port: int | None = None, log_path: str | os.PathLike | None = None):
+    def __init__(
+        self,
+        port: int | None = None,
+        log_path: str | os.PathLike | None = None,
+        advertised_port: int | None = None,
+    ):
         self.port = port or free_port()
-        self.bootstrap = f"127.0.0.1:{self.port}"
+        self.advertised_port = advertised_port or self.port
+        self.bootstrap = f"127.0.0.1:{self.advertised_port}"
         self.log_path = (
             Path(log_path)
             if log_path
@@ -49,10 +57,18 @@ class EmbeddedBroker:
 
     def start(self, timeout_s: float = 30.0) -> EmbeddedBroker:
         url = f"tcp://127.0.0.1:{self.port}"
+        advertised = f"tcp://127.0.0.1:{self.advertised_port}"
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child for its lifetime
         env = {**os.environ, "RUST_LOG": os.environ.get("TANSU_LOG", "warn")}
         self._proc = subprocess.Popen(
-            [broker_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url],
+            [
+                broker_binary(),
+                "broker",
+                "--listener-url",
+                url,
+                "--advertised-listener-url",
+                advertised,
+            ],
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
