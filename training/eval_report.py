@@ -156,7 +156,7 @@ def render_plot(results: dict, path: Path) -> None:
     ax1.set_ylim(0.5, 1.0)
     ax1.set_ylabel("ROC-AUC")
     ax1.set_title(f"ROC-AUC, mean ± std over {len(meta['seeds'])} seeds")
-    ax1.legend(fontsize=8)
+    ax1.legend(fontsize=8, loc="lower left")
     grid = [0.0, *sigmas]
     for m in methods:
         mean_auc = [
