@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -69,6 +70,9 @@ class WorkerMetrics:
         self.last_loop = time.monotonic()
         self.is_ready = False
         self.not_ready_reason = "starting"
+        # Asked by /readyz on every request once the loop has declared itself ready:
+        # returns why the broker looks gone right now, or None.
+        self.readiness_probe: Callable[[], str | None] | None = None
 
     def set_model(self, version: str) -> None:
         self.model_info.clear()
@@ -121,9 +125,12 @@ class HealthServer:
                 return 200, b"ok\n", "text/plain"
             return 503, f"loop stalled for {age:.0f}s\n".encode(), "text/plain"
         if path == "/readyz":
-            if m.is_ready:
+            reason = m.not_ready_reason if not m.is_ready else None
+            if reason is None and m.readiness_probe is not None:
+                reason = m.readiness_probe()
+            if reason is None:
                 return 200, b"ready\n", "text/plain"
-            return 503, f"not ready: {m.not_ready_reason}\n".encode(), "text/plain"
+            return 503, f"not ready: {reason}\n".encode(), "text/plain"
         return 404, b"not found\n", "text/plain"
 
     def start(self) -> HealthServer:

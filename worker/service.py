@@ -125,6 +125,7 @@ class Worker:
         self._use(scorer)
         self.watcher.start()
         self.metrics.set_ready(False, "connecting to the broker")
+        self.metrics.readiness_probe = self._broker_silence
         self._connect()
 
     def _connect(self) -> None:
@@ -267,6 +268,22 @@ class Worker:
             self.metrics.set_ready(False, "broker unreachable (no group coordinator)")
         elif not self.metrics.is_ready:
             self.metrics.set_ready(True)
+
+    def _broker_silence(self) -> str | None:
+        """Why the broker looks gone right now, or None. /readyz asks on every request,
+        so an outage shows even while the loop is blocked in a flush or a commit."""
+        coordinator = getattr(self.consumer, "_coordinator", None)
+        if coordinator is None:
+            return "not connected to the broker"
+        if coordinator.coordinator_id is None:
+            return "broker unreachable (no group coordinator)"
+        # The group's own liveness rule: a session timeout without a heartbeat answer
+        # (a stalled link, or a join that the broker never answers).
+        hb = coordinator.heartbeat
+        silent_s = time.monotonic() - max(hb.last_receive, hb.last_reset)
+        if silent_s > self.settings.session_timeout_ms / 1000:
+            return f"no answer from the group coordinator for {silent_s:.0f}s"
+        return None
 
     def flush(self, reason: str) -> None:
         """Score, publish and commit everything in hand (revocation, swap, shutdown)."""
