@@ -234,7 +234,10 @@ class Codec:
             row_parts.append(np.full(len(json_rows), -1, dtype=np.int64))
         if bin_chunks:
             counts = np.asarray(bin_counts, dtype=np.int64)
-            parts.append(np.frombuffer(b"".join(bin_chunks), dtype="<f4").reshape(-1, dim))
+            # bytearray: one copy that leaves the rows writable (torch wants that).
+            parts.append(
+                np.frombuffer(bytearray(b"".join(bin_chunks)), dtype="<f4").reshape(-1, dim)
+            )
             rec_parts.append(np.repeat(np.asarray(bin_rec, dtype=np.int64), counts))
             multi = np.asarray([_content_type(kept[i]) == FLOAT32_ROWS for i in bin_rec])
             starts = np.cumsum(counts) - counts

@@ -95,6 +95,9 @@ class WorkerSettings(BaseSettings):
     device: str = "auto"
     precision: Literal["fp32", "bf16"] = "fp32"
     delivery: Delivery = "at-least-once"
+    # Compression of the events and DLQ records the worker publishes. Compressed input
+    # (any codec) is read transparently.
+    compression: Literal["none", "gzip", "lz4", "zstd"] = "none"
     emit: Emit = "anomalies"
     metrics_port: int = Field(default=9100, ge=0, le=65535)
     metrics_host: str = "0.0.0.0"

@@ -390,3 +390,43 @@ def test_failing_publish_commits_nothing(broker, topics, model_dir):
     assert sum(committed_offsets(broker.bootstrap, topics["group"], topics["input"]).values()) == n
     events = events_of(read_topic(broker.bootstrap, topics["output"], expect=n))
     assert {e["id"] for e in events} == {f"x{i}" for i in range(n)}
+
+
+@pytest.mark.parametrize("compression", ["lz4", "zstd"])
+def test_compressed_input_and_output_topics(broker, topics, model_dir, compression):
+    n = 200
+    rows = normal_rows(n, seed=5)
+    p = producer(broker.bootstrap, compression_type=compression)
+    for i, row in enumerate(rows):
+        p.send(topics["input"], value=codec.encode_json(row, id=f"z{i}"))
+    p.flush()
+    p.close()
+    Worker(
+        settings_for(broker, topics, model_dir, emit="all", max_records=n, compression=compression)
+    ).run()
+    events = events_of(read_topic(broker.bootstrap, topics["output"], expect=n))
+    assert sorted(e["id"] for e in events) == sorted(f"z{i}" for i in range(n))
+
+
+def test_multi_row_records_get_one_event_per_row(broker, topics, model_dir, validate_event):
+    rows = normal_rows(3 * 64, seed=6)
+    rows[70, 2] += 30.0  # record 1, row 6
+    p = producer(broker.bootstrap)
+    for r in range(3):
+        value, headers = codec.encode_float32_rows(rows[r * 64 : (r + 1) * 64])
+        p.send(topics["input"], key=b"batch", value=value, headers=headers, partition=0)
+    p.flush()
+    p.close()
+    summary = Worker(settings_for(broker, topics, model_dir, emit="all", max_records=3)).run()
+    assert summary.records == 3 and summary.rows == 192
+    events = [
+        validate_event(e)
+        for e in events_of(read_topic(broker.bootstrap, topics["output"], expect=192))
+    ]
+    ids = {e["event_id"] for e in events}
+    assert len(ids) == 192
+    assert {(e["source"]["offset"], e["source"]["row"]) for e in events} == {
+        (o, r) for o in range(3) for r in range(64)
+    }
+    flagged = [e for e in events if e["is_anomaly"]]
+    assert any(e["source"]["offset"] == 1 and e["source"]["row"] == 6 for e in flagged)
