@@ -63,7 +63,7 @@ def write_results(name: str, results: dict) -> Path:
 def markdown_table(headers: list[str], rows: list[list]) -> str:
     def cell(v) -> str:
         if isinstance(v, float):
-            return f"{v:,.3g}" if abs(v) < 10 else f"{v:,.0f}"
+            return f"{v:.3g}" if abs(v) < 100 else f"{v:,.0f}"
         return "" if v is None else str(v)
 
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]

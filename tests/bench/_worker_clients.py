@@ -1,0 +1,207 @@
+"""The client processes of the worker benchmark (tests/bench/worker.py starts them).
+
+    python -m tests.bench._worker_clients fill BOOTSTRAP DATA.npy TOPIC ENCODING [ROWS_PER_RECORD]
+    python -m tests.bench._worker_clients steady BOOTSTRAP DATA.npy TOPIC ENCODING RATE SECONDS
+    python -m tests.bench._worker_clients passthrough THRESHOLD
+    python -m tests.bench._worker_clients naive
+
+`passthrough` and `naive` read WORKER_*/KAFKA_* like `python -m worker`, and get
+their consumer and producer from `Worker._connect`, so all three loops run with
+the same client settings; they stop after WORKER_MAX_RECORDS records.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from kafka import KafkaProducer
+from kafka.structs import OffsetAndMetadata, TopicPartition
+
+from worker.batcher import MicroBatcher
+from worker.checkpoint import read_latest
+from worker.codec import Codec, encode_float32, encode_float32_rows, encode_json
+from worker.events import build_events, dlq_record
+from worker.scoring import BatchScores, Scorer, load_scorer
+from worker.service import Worker
+from worker.settings import WorkerSettings
+
+KEYS = [b"sensor-%d" % i for i in range(64)]
+
+# Pre-fill: as fast as kafka-python goes; acks=1 because nothing is measured here.
+FILL_PRODUCER = dict(
+    acks=1, linger_ms=20, batch_size=1 << 20, max_request_size=8 << 20, compression_type=None
+)
+# The steady producer of the latency run: what a well-behaved upstream service would use.
+STEADY_PRODUCER = dict(acks="all", linger_ms=5, batch_size=256 * 1024, compression_type=None)
+
+
+def encode(
+    x: np.ndarray, encoding: str, rows_per_record: int = 1
+) -> list[tuple[bytes, bytes, list]]:
+    """(key, value, headers) per record, through the codec's own encoders."""
+    out = []
+    if encoding == "json":
+        for i, row in enumerate(x.tolist()):
+            out.append((KEYS[i % 64], encode_json(row, id=f"sensor-{i % 64}/{i}"), []))
+    elif encoding == "float32":
+        for i, row in enumerate(x):
+            value, headers = encode_float32(row)
+            out.append((KEYS[i % 64], value, headers))
+    elif encoding == "rows":
+        for i, start in enumerate(range(0, len(x) - rows_per_record + 1, rows_per_record)):
+            value, headers = encode_float32_rows(x[start : start + rows_per_record])
+            out.append((KEYS[i % 64], value, headers))
+    else:
+        raise ValueError(encoding)
+    return out
+
+
+def fill(bootstrap: str, data: str, topic: str, encoding: str, rows_per_record: int = 1) -> dict:
+    records = encode(np.load(data), encoding, rows_per_record)
+    producer = KafkaProducer(bootstrap_servers=bootstrap, **FILL_PRODUCER)
+    t0 = time.perf_counter()
+    for key, value, headers in records:
+        producer.send(topic, key=key, value=value, headers=headers)
+    producer.flush()
+    seconds = time.perf_counter() - t0
+    producer.close()
+    return {"records": len(records), "seconds": seconds, "records_per_s": len(records) / seconds}
+
+
+def steady(
+    bootstrap: str, data: str, topic: str, encoding: str, rate: float, seconds: float
+) -> dict:
+    """Send at `rate` records/s for `seconds`; kafka-python stamps each record at send()."""
+    records = encode(np.load(data)[:20_000], encoding)
+    producer = KafkaProducer(bootstrap_servers=bootstrap, **STEADY_PRODUCER)
+    total = int(rate * seconds)
+    sent = 0
+    t0 = time.perf_counter()
+    while sent < total:
+        due = min(total, int((time.perf_counter() - t0) * rate) + 1)
+        while sent < due:
+            key, value, headers = records[sent % len(records)]
+            producer.send(topic, key=key, value=value, headers=headers)
+            sent += 1
+        time.sleep(0.001)
+    elapsed = time.perf_counter() - t0
+    producer.flush()
+    producer.close()
+    return {"sent": sent, "seconds": elapsed, "achieved_rate": sent / elapsed}
+
+
+def _clients(settings: WorkerSettings) -> tuple[Worker, Scorer, Codec]:
+    worker = Worker(settings)
+    worker._connect()  # the worker's own consumer and producer configuration
+    version = read_latest(settings.model_dir)
+    scorer = load_scorer(Path(settings.model_dir) / version, device="cpu")
+    return worker, scorer, Codec(scorer.feature_names, settings.max_record_bytes)
+
+
+def _next_offsets(batch: list) -> dict[TopicPartition, OffsetAndMetadata]:
+    last: dict[tuple[str, int], int] = {}
+    for rec in batch:
+        last[(rec.topic, rec.partition)] = max(rec.offset, last.get((rec.topic, rec.partition), -1))
+    return {TopicPartition(t, p): OffsetAndMetadata(o + 1, "", -1) for (t, p), o in last.items()}
+
+
+def _publish(
+    worker: Worker, settings: WorkerSettings, events: list, dlq: list, batch: list
+) -> None:
+    p = worker.producer
+    futures = [p.send(settings.output_topic, key=k, value=v, headers=h) for k, v, h in events]
+    futures += [p.send(settings.dlq_topic, key=k, value=v, headers=h) for k, v, h in dlq]
+    p.flush(timeout=30)
+    if not all(f.succeeded() for f in futures):
+        raise RuntimeError("an output was not acknowledged")
+    worker.consumer.commit(_next_offsets(batch))
+
+
+def passthrough(threshold: float) -> dict:
+    """The ceiling: the worker's micro-batching, codec, event builder and publish path,
+    with the model replaced by `max |x| >= threshold` (the benchmark picks the
+    threshold so this flags as many rows as the model does)."""
+    settings = WorkerSettings()
+    worker, scorer, codec = _clients(settings)
+    batcher = MicroBatcher(settings.max_batch_size, settings.max_batch_wait_ms / 1000)
+    k = scorer.top_k
+    n_max, done, outputs = settings.max_records, 0, 0
+    while done < n_max:
+        if batcher.due():
+            batch = batcher.take()
+            decoded = codec.decode(batch)
+            n = len(decoded)
+            stat = np.abs(decoded.rows).max(axis=1) if n else np.empty(0, np.float32)
+            zeros = np.zeros((n, k), dtype=np.float32)
+            fake = BatchScores(
+                scores=stat,
+                p_values=np.zeros(n, np.float32),
+                is_anomaly=stat >= threshold,
+                top_index=np.zeros((n, k), dtype=np.int64),
+                top_contribution=zeros,
+                top_expected=zeros,
+            )
+            events = (
+                build_events(decoded, fake, scorer, False, int(time.time() * 1000)) if n else []
+            )
+            dlq = [dlq_record(r) for r in decoded.rejected]
+            _publish(worker, settings, events, dlq, batch)
+            done += len(batch)
+            outputs += len(events)
+            continue
+        room = min(batcher.room(), n_max - done - len(batcher))
+        polled = worker.consumer.poll(
+            timeout_ms=int(batcher.wait_s(0.2) * 1000), max_records=max(1, room)
+        )
+        for records in polled.values():
+            batcher.add(records)
+        if len(batcher) and done + len(batcher) >= n_max:
+            batcher.max_wait_s = 0.0  # bounded run: the last batch is due now
+    worker._close_clients()
+    return {"records": done, "outputs": outputs}
+
+
+def naive() -> dict:
+    """The per-record worker: poll one, decode, score a 1-row batch, send, flush, commit."""
+    settings = WorkerSettings()
+    worker, scorer, codec = _clients(settings)
+    done, outputs = 0, 0
+    while done < settings.max_records:
+        for records in worker.consumer.poll(timeout_ms=200, max_records=1).values():
+            for rec in records:
+                decoded = codec.decode([rec])
+                result = scorer.score_batch(decoded.rows) if len(decoded) else None
+                events = (
+                    build_events(decoded, result, scorer, False, int(time.time() * 1000))
+                    if result
+                    else []
+                )
+                _publish(worker, settings, events, [dlq_record(r) for r in decoded.rejected], [rec])
+                done += 1
+                outputs += len(events)
+    worker._close_clients()
+    return {"records": done, "outputs": outputs}
+
+
+def main(argv: list[str]) -> int:
+    role, args = argv[0], argv[1:]
+    if role == "fill":
+        result = fill(args[0], args[1], args[2], args[3], int(args[4]) if len(args) > 4 else 1)
+    elif role == "steady":
+        result = steady(args[0], args[1], args[2], args[3], float(args[4]), float(args[5]))
+    elif role == "passthrough":
+        result = passthrough(float(args[0]))
+    elif role == "naive":
+        result = naive()
+    else:
+        raise SystemExit(f"unknown role {role!r}")
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

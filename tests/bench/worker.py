@@ -1,0 +1,436 @@
+"""Worker throughput and latency against the embedded broker (issues #3 and #7).
+
+    .venv/bin/python -m tests.bench.worker [--json-records N] [--float32-records N] ...
+
+One run, one embedded Tansu broker, one input partition per topic, 64-float records
+with ~1.5% planted anomalies. For JSON and for application/x-float32 records it
+measures, each over the same pre-filled topic (one consumer group per loop):
+
+* worker       `python -m worker` (a subprocess, WORKER_MAX_RECORDS bounds it)
+* passthrough  the same client settings, micro-batching, codec, event builder and
+               publish path with no model, flagging as many rows as the model: the ceiling
+* naive        per record: poll one, decode, score a 1-row batch, send, flush, commit
+
+Throughput is the slope of the group's committed offset, sampled every 50 ms, from
+the first commit seen to the last (start-up and group join excluded). CPU is the
+loop process's user+system time over that same window. Then, for the multi-row
+format (application/x-float32-rows), the worker's and the passthrough's vectors/s;
+and end-to-end latency: a producer process sends at half the worker's measured
+throughput for --latency-s seconds with WORKER_EMIT=all, and this process reads
+every event, latency = arrival here - the input record's timestamp (set at send).
+
+Results: tests/bench/results/worker.json and a markdown table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from kafka import KafkaAdminClient
+from kafka.admin import NewTopic
+
+from tests.bench._worker_measure import (
+    CLIENTS,
+    SAMPLE_S,
+    Probe,
+    end_offset,
+    log,
+    measure_latency,
+    run_loop,
+)
+from tests.bench.common import REPO, machine, markdown_table, now_iso, ratio, write_results
+from worker.broker import EmbeddedBroker
+
+NAME = "worker"
+DIM = 64
+ANOMALY_RATE = 0.015
+GOALS = {"worker/passthrough": 0.8, "worker/naive": 20.0, "rows_vectors_per_s": 500_000.0}
+
+
+def make_data(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows near an 8-dimensional subspace; ANOMALY_RATE of them pushed 6 sd off it in 4 features."""
+    mixing = np.random.default_rng(12345).normal(size=(8, DIM)) / np.sqrt(8)  # one subspace for all
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 8)) @ mixing + 0.3 * rng.normal(size=(n, DIM))
+    planted = rng.random(n) < ANOMALY_RATE
+    for i in np.flatnonzero(planted):
+        cols = rng.choice(DIM, 4, replace=False)
+        x[i, cols] += rng.choice([-6.0, 6.0], 4)
+    return x.astype(np.float32), planted
+
+
+def train(model_dir: Path, seed: int) -> float:
+    """A small CAE on normal rows; returns its threshold's target false-positive rate."""
+    import torch
+
+    from training.fit import TrainConfig, fit
+    from worker.checkpoint import publish
+
+    torch.set_num_threads(1)  # the pre-fill producers run beside it on the same cores
+    x, planted = make_data(4000, seed + 1)
+    config = TrainConfig(max_epochs=25, patience=5, target_fpr=0.002, seed=seed)
+    result = fit(x[~planted], [f"f{i}" for i in range(DIM)], config)
+    publish(model_dir, result.model, result.manifest)
+    return config.target_fpr
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m tests.bench.worker", description=__doc__.split("\n\n")[0]
+    )
+    p.add_argument("--json-records", type=int, default=100_000)
+    p.add_argument("--float32-records", type=int, default=150_000)
+    p.add_argument("--naive-records", type=int, default=2_000)
+    p.add_argument("--rows-records", type=int, default=2_000)
+    p.add_argument("--rows-per-record", type=int, default=256)
+    p.add_argument("--latency-s", type=float, default=12.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--worker-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="also time the worker with this extra environment (A/B), as loop 'worker+env'",
+    )
+    p.add_argument(
+        "--no-write", action="store_true", help="print the table, leave results/worker.json alone"
+    )
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args([] if argv is None else argv)
+    started = time.monotonic()
+    info = machine()
+    with tempfile.TemporaryDirectory(prefix="bench-worker-") as tmp:
+        tmp = Path(tmp)
+        with EmbeddedBroker(log_path=tmp / "tansu.log") as broker:
+            results = _run(args, broker, tmp)
+    results = {
+        "benchmark": NAME,
+        "date": now_iso(),
+        "command": "python -m tests.bench.worker " + " ".join(argv or []),
+        "machine": {**info, "load_avg_1m_at_end": round(os.getloadavg()[0], 2)},
+        "wall_s": round(time.monotonic() - started, 1),
+        **results,
+    }
+    print(render(results))
+    if not args.no_write:
+        log(f"wrote {write_results(NAME, results)}")
+    return results
+
+
+def _run(args: argparse.Namespace, broker: EmbeddedBroker, tmp: Path) -> dict:
+    bootstrap = broker.bootstrap
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    model_dir = tmp / "models"
+
+    def create(topics: list[str]) -> None:
+        admin.create_topics([NewTopic(t, 1, 1) for t in topics])
+
+    def env(
+        topic: str, out: str, group: str, max_records: int | None, emit: str = "anomalies"
+    ) -> dict:
+        e = {
+            **os.environ,
+            "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+            "WORKER_INPUT_TOPIC": topic,
+            "WORKER_OUTPUT_TOPIC": out,
+            "WORKER_DLQ_TOPIC": f"{topic}.dlq",
+            "WORKER_GROUP_ID": group,
+            "WORKER_MODEL_DIR": str(model_dir),
+            "WORKER_DEVICE": "cpu",
+            "WORKER_METRICS_PORT": "0",
+            "WORKER_EMIT": emit,
+            "WORKER_SESSION_TIMEOUT_MS": "6000",
+            "WORKER_HEARTBEAT_INTERVAL_MS": "1000",
+            "WORKER_WAIT_FOR_MODEL_S": "60",
+        }
+        e.pop("WORKER_MAX_RECORDS", None)
+        if max_records is not None:
+            e["WORKER_MAX_RECORDS"] = str(max_records)
+        return e
+
+    ctx = {"bootstrap": bootstrap, "create": create, "env": env, "logdir": tmp}
+    sizes = {
+        "json": args.json_records,
+        "float32": args.float32_records,
+        "rows": args.rows_records * args.rows_per_record,
+    }
+    data: dict[str, Path] = {}
+    flagged_rows: dict[str, np.ndarray] = {}
+    for i, (enc, n) in enumerate(sizes.items()):
+        x, _ = make_data(n, args.seed + 10 + i)
+        data[enc] = tmp / f"{enc}.npy"
+        np.save(data[enc], x)
+    create([f"in-{enc}" for enc in sizes] + [f"in-{enc}.dlq" for enc in sizes])
+
+    log(f"pre-filling {sizes} (rows: {args.rows_per_record} rows/record) while the model trains")
+    fills = {
+        enc: subprocess.Popen(
+            [
+                *CLIENTS,
+                "fill",
+                bootstrap,
+                str(data[enc]),
+                f"in-{enc}",
+                enc,
+                str(args.rows_per_record),
+            ],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+        )
+        for enc in sizes
+    }
+    target_fpr = train(model_dir, args.seed)
+    fill_stats = {}
+    for enc, proc in fills.items():
+        out, _ = proc.communicate(timeout=600)
+        if proc.returncode:
+            raise RuntimeError(f"pre-fill of {enc} failed")
+        fill_stats[enc] = json.loads(out.decode().strip().splitlines()[-1])
+    log(f"pre-filled: { {k: round(v['records_per_s']) for k, v in fill_stats.items()} } records/s")
+
+    # The passthrough flags rows by max |x|, at the quantile that flags as many rows as the model.
+    from worker.checkpoint import read_latest
+    from worker.scoring import load_scorer
+
+    scorer = load_scorer(model_dir / read_latest(model_dir), device="cpu")
+    thresholds = {}
+    for enc in sizes:
+        x = np.load(data[enc])
+        flagged_rows[enc] = scorer.score_batch(x).is_anomaly
+        thresholds[enc] = float(np.quantile(np.abs(x).max(axis=1), 1 - flagged_rows[enc].mean()))
+    del scorer
+
+    probe_for = lambda group, topic: Probe(admin, group, topic)  # noqa: E731
+    throughput: dict[str, dict] = {}
+    extra_env = dict(kv.split("=", 1) for kv in args.worker_env)
+    ab = ["worker+env"] if extra_env else []
+    loops = [
+        ("json", ["worker", *ab, "passthrough", "naive"]),
+        ("float32", ["worker", *ab, "passthrough", "naive"]),
+        ("rows", ["worker", *ab, "passthrough"]),
+    ]
+    for enc, kinds in loops:
+        topic = f"in-{enc}"
+        throughput[enc] = {}
+        for kind in kinds:
+            n = args.naive_records if kind == "naive" else fill_stats[enc]["records"]
+            group, out = f"{enc}-{kind}", f"{enc}-{kind}-events"
+            create([out])
+            loop_env = env(topic, out, group, n)
+            if kind == "worker+env":
+                loop_env.update(extra_env)
+            cmd = {
+                "worker": [sys.executable, "-m", "worker"],
+                "worker+env": [sys.executable, "-m", "worker"],
+                "passthrough": [*CLIENTS, "passthrough", str(thresholds[enc])],
+                "naive": [*CLIENTS, "naive"],
+            }[kind]
+            log(f"{enc} {kind}: {n} records")
+            r = run_loop(
+                f"{enc}-{kind}", cmd, loop_env, probe_for(group, topic), n, tmp, broker._proc.pid
+            )
+            r["outputs"] = end_offset(bootstrap, out)
+            if enc == "rows":
+                r["vectors_per_s"] = r["records_per_s"] * args.rows_per_record
+            log(
+                f"{enc} {kind}: {r['records_per_s']:,.0f} records/s, {r['outputs']} events, "
+                f"{r['cpu_us_per_record']:.1f} us cpu/record, started in {r['startup_s']} s"
+            )
+            throughput[enc][kind] = r
+
+    latency = {}
+    variants = {"worker": {}, **({"worker+env": extra_env} if extra_env else {})}
+    for enc in ("json", "float32"):
+        rate = round(throughput[enc]["worker"]["records_per_s"] / 2)
+        for label, extra in variants.items():
+            log(f"latency {enc} {label}: {rate} records/s for {args.latency_s}s, WORKER_EMIT=all")
+            r = measure_latency(
+                ctx, enc, data[enc], rate, args.latency_s, label.replace("+", "-"), extra
+            )
+            latency[f"{enc} {label}"] = r
+            log(
+                f"latency {enc} {label}: p50 {r.get('p50_ms', float('nan')):.1f} ms, p99 {r.get('p99_ms', float('nan')):.1f} ms"
+            )
+
+    ratios = []
+    for enc in ("json", "float32"):
+        t = throughput[enc]
+        w = t["worker"]["records_per_s"]
+        ratios.append(
+            ratio(
+                f"{enc}: worker / passthrough",
+                w / t["passthrough"]["records_per_s"],
+                GOALS["worker/passthrough"],
+                NAME,
+            )
+        )
+        ratios.append(
+            ratio(
+                f"{enc}: worker / naive",
+                w / t["naive"]["records_per_s"],
+                GOALS["worker/naive"],
+                NAME,
+            )
+        )
+    for enc in sizes:
+        t = throughput[enc]
+        ratios.append(
+            ratio(
+                f"{enc}: worker / passthrough, by CPU per record (passthrough µs ÷ worker µs)",
+                t["passthrough"]["cpu_us_per_record"] / t["worker"]["cpu_us_per_record"],
+                None,
+                NAME,
+            )
+        )
+    rows_vps = throughput["rows"]["worker"]["vectors_per_s"]
+    ratios.append(
+        ratio(
+            "float32-rows: worker / passthrough",
+            rows_vps / throughput["rows"]["passthrough"]["vectors_per_s"],
+            GOALS["worker/passthrough"],
+            NAME,
+        )
+    )
+    ratios.append(
+        ratio(
+            "float32-rows: worker vectors/s / 500k",
+            rows_vps / GOALS["rows_vectors_per_s"],
+            1.0,
+            NAME,
+        )
+    )
+    if extra_env:
+        for enc in sizes:
+            t = throughput[enc]
+            ratios.append(
+                ratio(
+                    f"A/B {enc}: worker+env / passthrough ({' '.join(args.worker_env)})",
+                    t["worker+env"]["records_per_s"] / t["passthrough"]["records_per_s"],
+                    GOALS["worker/passthrough"],
+                    NAME,
+                )
+            )
+    admin.close()
+    return {
+        "config": {
+            "broker": "embedded Tansu (memory storage), loopback",
+            "input_partitions": 1,
+            "dim": DIM,
+            "planted_anomaly_rate": ANOMALY_RATE,
+            "model_target_fpr": target_fpr,
+            "model_flagged_fraction": {k: float(v.mean()) for k, v in flagged_rows.items()},
+            "rows_per_record": args.rows_per_record,
+            "worker_env_ab": extra_env,
+            "worker_settings": "defaults: WORKER_MAX_BATCH_SIZE=1024, WORKER_MAX_BATCH_WAIT_MS=20, at-least-once, device cpu",
+            "throughput_method": f"slope of the committed offset sampled every {SAMPLE_S * 1000:.0f} ms, first commit to last",
+            "latency_method": (
+                "arrival at a test consumer (fetch_max_wait_ms=10) minus the input record's CreateTime "
+                "(set at send); WORKER_EMIT=all; steady producer (linger_ms=5, acks=all) at half the "
+                "worker's throughput. Tansu answers a fetch at fetch_max_wait_ms rather than when data "
+                "arrives, so the worker's default 500 ms fetch wait shows in send→detected"
+            ),
+        },
+        "prefill": fill_stats,
+        "throughput": throughput,
+        "latency": latency,
+        "ratios": ratios,
+    }
+
+
+def render(results: dict) -> str:
+    t = results["throughput"]
+    rows = []
+    for enc, label in (("json", "JSON"), ("float32", "float32"), ("rows", "float32-rows")):
+        for kind, r in t[enc].items():
+            rate = r["records_per_s"]
+            rows.append(
+                [
+                    label,
+                    kind,
+                    r["records"],
+                    rate,
+                    r.get("vectors_per_s", rate),
+                    r["outputs"],
+                    r["cpu_cores"],
+                    r["cpu_us_per_record"],
+                    r["broker_cpu_cores"],
+                ]
+            )
+    out = [
+        f"### Worker benchmark ({results['date']}, {results['machine']['cpu_count']} CPUs, "
+        f"load {results['machine']['load_avg_1m_at_start']}→{results['machine']['load_avg_1m_at_end']}, "
+        f"kafka crc32c: {results['machine']['kafka_crc32c']})",
+        "",
+        markdown_table(
+            [
+                "format",
+                "loop",
+                "records",
+                "records/s",
+                "vectors/s",
+                "events",
+                "loop CPU (cores)",
+                "CPU µs/record",
+                "broker CPU (cores)",
+            ],
+            rows,
+        ),
+        "",
+        markdown_table(
+            ["ratio", "value", "goal", "met"],
+            [
+                [r["name"], r["value"], r["goal"], {True: "yes", False: "NO"}.get(r["met"], "")]
+                for r in results["ratios"]
+            ],
+        ),
+        "",
+        markdown_table(
+            [
+                "latency (WORKER_EMIT=all)",
+                "rate/s",
+                "events",
+                "p50 ms",
+                "p90 ms",
+                "p99 ms",
+                "max ms",
+                "send→detected p50 / p99",
+                "detected→arrival p50 / p99",
+            ],
+            [
+                [
+                    k,
+                    v["achieved_rate"],
+                    v["events_received"],
+                    v.get("p50_ms"),
+                    v.get("p90_ms"),
+                    v.get("p99_ms"),
+                    v.get("max_ms"),
+                    _p50_p99(v["split"]["input_to_detected"]),
+                    _p50_p99(v["split"]["detected_to_arrival"]),
+                ]
+                for k, v in results["latency"].items()
+            ],
+        ),
+    ]
+    return "\n".join(out)
+
+
+def _p50_p99(summary: dict) -> str:
+    if not summary.get("count"):
+        return ""
+    return f"{summary['p50_ms']:.0f} / {summary['p99_ms']:.0f}"
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
