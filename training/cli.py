@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import structlog
+import torch
 from pydantic import ValidationError
 from pydantic_settings import CliApp, SettingsError
 
@@ -50,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = parse_settings(sys.argv[1:] if argv is None else argv)
         config = train_config(settings)
+        torch.set_num_threads(settings.torch_threads)
         if settings.from_kafka:
             ensure_writable(settings.out, "--out")
             return run_from_kafka(settings, config, interactive)

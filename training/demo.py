@@ -370,6 +370,11 @@ def main(argv: list[str] | None = None) -> int:
     from worker.logs import configure_logging
 
     configure_logging(level="WARNING")
+    import torch
+
+    torch.set_num_threads(
+        1
+    )  # small models train fastest on one thread; the worker gets the other core
     return run(args)
 
 

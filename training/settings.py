@@ -91,6 +91,12 @@ class TrainerSettings(BaseSettings):
     )
     activation: Activation | None = Field(default=None, description="encoder activation")
     scaler: Literal["standard", "robust"] | None = Field(default=None, description="input scaler")
+    torch_threads: int = Field(
+        default=1,
+        ge=1,
+        le=256,
+        description="CPU threads for training (1 is fastest for small models)",
+    )
 
     # Retraining from the input topic, once or periodically.
     from_kafka: bool = Field(

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import structlog
+import torch
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.errors import KafkaError
@@ -71,6 +72,7 @@ class Worker:
         self.settings = settings
         self.metrics = metrics or WorkerMetrics()
         self.device = resolve_device(settings.device)
+        torch.set_num_threads(settings.torch_threads)
         self.summary = RunSummary()
         self._stop = threading.Event()
         self.scorer: Scorer | None = None

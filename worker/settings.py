@@ -94,6 +94,9 @@ class WorkerSettings(BaseSettings):
     max_batch_wait_ms: int = Field(default=20, ge=0, le=60_000)
     device: str = "auto"
     precision: Literal["fp32", "bf16"] = "fp32"
+    # CPU threads for the model. One is fastest for micro-batches: more threads fight
+    # the Kafka client's own threads (and the broker's) for the cores.
+    torch_threads: int = Field(default=1, ge=1, le=256)
     delivery: Delivery = "at-least-once"
     # Compression of the events and DLQ records the worker publishes. Compressed input
     # (any codec) is read transparently.
