@@ -15,6 +15,7 @@ the numeric work happens once per batch in numpy.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any
 
 import numpy as np
@@ -189,9 +190,6 @@ class Codec:
                         )
                     )
                     continue
-                if not set(map(type, feats)) <= _NUMBER_TYPES:
-                    rejected.append(Rejected(rec, BAD_TYPE, "features must all be numbers"))
-                    continue
                 json_rows.append(feats)
                 json_rec.append(len(kept))
                 kept.append(rec)
@@ -217,6 +215,15 @@ class Codec:
                 tss.append(None)
             else:
                 rejected.append(Rejected(rec, UNKNOWN_CONTENT_TYPE, ctype.decode("latin-1")[:100]))
+        if json_rows and not set(map(type, chain.from_iterable(json_rows))) <= _NUMBER_TYPES:
+            # Rare: some row holds a string, bool, null or object (numpy would coerce
+            # "1.5" and true). Find those rows one by one and reject them.
+            ok = [set(map(type, r)) <= _NUMBER_TYPES for r in json_rows]
+            for good, k in zip(ok, json_rec, strict=True):
+                if not good:
+                    rejected.append(Rejected(kept[k], BAD_TYPE, "features must all be numbers"))
+            json_rec = [k for good, k in zip(ok, json_rec, strict=True) if good]
+            json_rows = [r for good, r in zip(ok, json_rows, strict=True) if good]
         parts, rec_parts, row_parts = [], [], []
         if json_rows:
             try:

@@ -30,6 +30,10 @@ def build_events(
     selected = np.arange(len(decoded)) if emit_all else np.flatnonzero(result.is_anomaly)
     if selected.size == 0:
         return []
+    # Explanations are indexed like result.explained, which must cover `selected`.
+    where = np.searchsorted(result.explained, selected)
+    if not np.array_equal(result.explained[np.minimum(where, len(result.explained) - 1)], selected):
+        raise ValueError("build_events needs explanations for every selected row")
     names = scorer.feature_names
     model = {"version": scorer.version, "trained_at": scorer.manifest.created_at}
     headers = [("schema", SCHEMA_HEADER), ("model.version", scorer.version.encode())]
@@ -40,9 +44,9 @@ def build_events(
     flags = result.is_anomaly[selected].tolist()
     rec_idx = decoded.record_index[selected].tolist()
     row_idx = decoded.row_index[selected].tolist()
-    top_i = result.top_index[selected].tolist()
-    top_c = result.top_contribution[selected].tolist()
-    top_e = result.top_expected[selected].tolist()
+    top_i = result.top_index[where].tolist()
+    top_c = result.top_contribution[where].tolist()
+    top_e = result.top_expected[where].tolist()
     values = decoded.rows[selected].tolist()
     out = []
     for j in range(len(scores)):

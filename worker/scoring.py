@@ -16,6 +16,7 @@ import torch
 from worker.checkpoint import Checkpoint, GoldenMismatch, Manifest, read_checkpoint
 
 Precision = Literal["fp32", "bf16"]
+Explain = Literal["all", "anomalies", "none"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,9 +26,11 @@ class BatchScores:
     scores: np.ndarray  # float32 [B]
     p_values: np.ndarray  # float32 [B]
     is_anomaly: np.ndarray  # bool [B]
-    top_index: np.ndarray  # int64 [B, k] feature indices, largest contribution first
-    top_contribution: np.ndarray  # float32 [B, k] share of the row's error
-    top_expected: np.ndarray  # float32 [B, k] reconstruction in input units
+    # Explanations, for the rows in `explained` only (E of them; all rows by default):
+    explained: np.ndarray  # int64 [E] row indices
+    top_index: np.ndarray  # int64 [E, k] feature indices, largest contribution first
+    top_contribution: np.ndarray  # float32 [E, k] share of the row's error
+    top_expected: np.ndarray  # float32 [E, k] reconstruction in input units
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -132,8 +135,12 @@ class Scorer:
         return (recon * self._scale + self._center).cpu().numpy()
 
     @torch.inference_mode()
-    def score_batch(self, x: np.ndarray) -> BatchScores:
-        """Score B raw rows (float32 [B, D], input units)."""
+    def score_batch(self, x: np.ndarray, explain: Explain = "all") -> BatchScores:
+        """Score B raw rows (float32 [B, D], input units).
+
+        `explain` chooses the rows that get their top contributing features: every
+        row, only the anomalous ones (what the worker publishes by default), or none.
+        """
         if x.ndim != 2 or x.shape[1] != self.input_dim:
             raise ValueError(f"expected rows of {self.input_dim} features, got shape {x.shape}")
         xd = self._to_device(x)
@@ -144,15 +151,29 @@ class Scorer:
         n_cal = self._calibration.numel()
         below = torch.searchsorted(self._calibration, scores, side="left")
         p_values = (n_cal - below + 1).float() / (n_cal + 1)
-        top_err, top_idx = torch.topk(err, self.top_k, dim=1)
-        total = err.sum(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-        expected = recon.float() * self._scale + self._center
-        top_expected = torch.gather(expected, 1, top_idx)
         out = torch.stack([scores, p_values], dim=1).cpu().numpy()
+        is_anomaly = out[:, 0] >= self.threshold
+        if explain == "all":
+            rows = np.arange(len(out))
+        elif explain == "anomalies":
+            rows = np.flatnonzero(is_anomaly)
+        else:
+            rows = np.empty(0, dtype=np.int64)
+        if len(rows) == len(out):
+            e_err, e_recon = err, recon
+        else:
+            sel = torch.from_numpy(rows).to(err.device)
+            e_err, e_recon = err[sel], recon[sel]
+        top_err, top_idx = torch.topk(e_err, self.top_k, dim=1)
+        total = e_err.sum(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+        top_expected = (
+            torch.gather(e_recon.float(), 1, top_idx) * self._scale[top_idx] + self._center[top_idx]
+        )
         return BatchScores(
             scores=out[:, 0].copy(),
             p_values=out[:, 1].copy(),
-            is_anomaly=out[:, 0] >= self.threshold,
+            is_anomaly=is_anomaly,
+            explained=rows,
             top_index=top_idx.cpu().numpy(),
             top_contribution=(top_err / total).cpu().numpy(),
             top_expected=top_expected.cpu().numpy(),

@@ -302,15 +302,13 @@ class Worker:
         t0 = time.perf_counter()
         decoded = self.codec.decode(batch)
         scorer = self.scorer
-        result = scorer.score_batch(decoded.rows) if len(decoded) else None
+        emit_all = self.settings.emit == "all"
+        result = None
+        if len(decoded):
+            result = scorer.score_batch(decoded.rows, explain="all" if emit_all else "anomalies")
         t1 = time.perf_counter()
-        events = (
-            build_events(
-                decoded, result, scorer, self.settings.emit == "all", int(time.time() * 1000)
-            )
-            if result
-            else []
-        )
+        now_ms = int(time.time() * 1000)
+        events = build_events(decoded, result, scorer, emit_all, now_ms) if result else []
         dlq = [dlq_record(r) for r in decoded.rejected]
         offsets = _next_offsets(batch)
         try:
