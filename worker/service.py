@@ -132,7 +132,14 @@ class Worker:
 
     def _connect(self) -> None:
         s = self.settings
-        common = s.kafka.client_kwargs()
+        # Each attempt gives up after a few seconds, so the wait is logged with our own
+        # backoff and a stop request is honoured; a broker that comes back is retried
+        # within seconds, not after kafka-python's 30 s bootstrap and reconnect backoff.
+        common = {
+            **s.kafka.client_kwargs(),
+            "bootstrap_timeout_ms": 5_000,
+            "reconnect_backoff_max_ms": 5_000,
+        }
         delay = 0.5
         while not self.stopping:
             try:
