@@ -191,6 +191,7 @@ class Worker:
         self.scorer = scorer
         self.codec = Codec(scorer.feature_names, self.settings.max_record_bytes)
         self.metrics.set_model(scorer.version)
+        structlog.contextvars.bind_contextvars(model_version=scorer.version)  # on every log line
         self.summary.versions.append(scorer.version)
         if previous:
             self.summary.reloads += 1
@@ -324,6 +325,14 @@ class Worker:
             self._recover_from_publish_failure(batch, e)
             return False
         t2 = time.perf_counter()
+        log.debug(
+            "batch",
+            records=len(batch),
+            rows=len(decoded),
+            events=len(events),
+            rejected=len(decoded.rejected),
+            offsets={f"{tp.topic}-{tp.partition}": om.offset for tp, om in offsets.items()},
+        )
         s = self.summary
         n_anom = int(result.is_anomaly.sum()) if result else 0
         s.records += len(batch)
