@@ -30,6 +30,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+from torch.autograd.function import once_differentiable
 from torch.func import jacrev, jvp, vmap
 
 from worker.model import ContractiveAutoencoder
@@ -40,7 +41,7 @@ PenaltyMode = Literal["closed", "exact", "estimate"]
 def activation_derivative(activation: str, pre: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """φ'(a) for the model's elementwise activations, from pre-activation a and φ(a)."""
     if activation == "sigmoid":
-        return out * (1 - out)
+        return torch.addcmul(out, out, out, value=-1)  # h (1 − h), one op
     if activation == "tanh":
         return 1 - out.square()
     if activation == "relu":
@@ -52,17 +53,84 @@ def activation_derivative(activation: str, pre: torch.Tensor, out: torch.Tensor)
     raise ValueError(f"no closed form for activation {activation!r}")
 
 
+def activation_second_derivative(
+    activation: str, pre: torch.Tensor, out: torch.Tensor, d: torch.Tensor
+) -> torch.Tensor | None:
+    """φ''(a) from a, φ(a) and d = φ'(a); None where it is zero almost everywhere (relu)."""
+    if activation == "sigmoid":
+        return torch.addcmul(d, d, out, value=-2)  # d (1 − 2h)
+    if activation == "tanh":
+        return d * out * -2  # −2 h (1 − h²)
+    if activation == "relu":
+        return None
+    if activation == "softplus":
+        return torch.addcmul(d, d, d, value=-1)  # σ(a) (1 − σ(a))
+    if activation == "elu":
+        return torch.where(pre > 0, 0.0, d)  # e^a = h + 1 = φ'(a) for a ≤ 0
+    raise ValueError(f"no closed form for activation {activation!r}")
+
+
+class _OneLayerCode(torch.autograd.Function):
+    """(h, p) = (φ(a), mean over rows of Σ_j φ'(a_j)² Σ_i W_ji²), one autograd node.
+
+    For a one-layer encoder, a = x Wᵀ + b. Replaces the activation's own node and
+    the ~9 small nodes of the penalty (at batch 256 a training step is per-op
+    overhead, not arithmetic). With d = φ'(a), s_j = Σ_i W_ji², c_j = mean_n d_nj²:
+
+        ∂L/∂a = d ⊙ ∂L/∂h + ∂L/∂p · (2/B) s ⊙ d ⊙ φ''(a)        ∂L/∂W ⊇ ∂L/∂p · 2 c ⊙ W
+
+    (the W term is only the penalty's direct part; what flows through a reaches W
+    and b by the Linear's own backward). Both [B, code] and [code, D] factors are
+    formed in the forward, so the backward is two fused ops. Exact, first order only
+    (``once_differentiable``); not for torch.func transforms (use `exact_penalty` or
+    `estimated_penalty` there). Only called with autograd recording.
+    """
+
+    @staticmethod
+    def forward(ctx, pre, weight, activation, act_fn):
+        out = act_fn(pre)
+        d = activation_derivative(activation, pre, out)
+        d2 = d.square()
+        c = d2.mean(dim=0)  # mean over rows of φ'(a_j)², per code unit j
+        s = weight.square().sum(dim=1)  # Σ_i W_ji², per code unit j
+        dd = activation_second_derivative(activation, pre, out, d)
+        ctx.d = d
+        ctx.grad_pre_of_penalty = None if dd is None else (d * dd).mul_(s * (2 / pre.shape[0]))
+        ctx.grad_weight_of_penalty = weight * (2 * c).unsqueeze(1)
+        return out, torch.dot(c, s)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out, grad_penalty):
+        grad_pre = ctx.d * grad_out
+        if ctx.grad_pre_of_penalty is not None:
+            grad_pre = torch.addcmul(grad_pre, ctx.grad_pre_of_penalty, grad_penalty)
+        return grad_pre, ctx.grad_weight_of_penalty * grad_penalty, None, None
+
+
+def _one_layer_closed_form(
+    model: ContractiveAutoencoder, x: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    (linear,) = model.encoder_linears
+    act = model.config.activation
+    pre = linear(x)
+    if torch.is_grad_enabled() and (pre.requires_grad or linear.weight.requires_grad):
+        code, penalty = _OneLayerCode.apply(pre, linear.weight, act, model.encoder_act)
+        return penalty, code
+    code = model.encoder_act(pre)
+    d = activation_derivative(act, pre, code)
+    return torch.dot(d.square().mean(dim=0), linear.weight.square().sum(dim=1)), code
+
+
 def closed_form_penalty(
     model: ContractiveAutoencoder, x: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean over rows of ‖J‖²_F, code) computed analytically; exact for any depth."""
-    code, pre = model.encode_with_preactivations(x)
-    act = model.config.activation
     linears = model.encoder_linears
     if len(linears) == 1:
-        d = activation_derivative(act, pre[0], code)
-        w_sq = linears[0].weight.square().sum(dim=1)  # Σ_i W_ji², per code unit j
-        return (d.square() @ w_sq).mean(), code
+        return _one_layer_closed_form(model, x)
+    code, pre = model.encode_with_preactivations(x)
+    act = model.config.activation
     outs = [model.encoder_act(a) for a in pre[:-1]] + [code]
     jac = None  # per-row Jacobian of the layers so far: [B, width, D]
     for linear, a, h in zip(linears, pre, outs, strict=True):
@@ -148,4 +216,4 @@ def cae_loss(
     else:
         recon = (model(x) - x).square().mean()
         penalty = contractive_penalty(model, x, mode, n_projections, generator)
-    return recon + penalty_weight * penalty, recon, penalty
+    return torch.add(recon, penalty, alpha=penalty_weight), recon, penalty
