@@ -143,13 +143,7 @@ class Worker:
         delay = 0.5
         while not self.stopping:
             try:
-                producer_kw = dict(
-                    acks="all", linger_ms=5, batch_size=256 * 1024, retries=5, max_block_ms=30_000
-                )
-                if self._transactional:
-                    txn_id = s.transactional_id or f"{s.group_id}-{socket.gethostname()}"
-                    producer_kw.update(transactional_id=txn_id, enable_idempotence=True)
-                self.producer = KafkaProducer(**common, **producer_kw)
+                self.producer = KafkaProducer(**common, **self.producer_config())
                 if self._transactional:
                     self.producer.init_transactions()
                 self.consumer = KafkaConsumer(
@@ -185,6 +179,22 @@ class Worker:
                 )
                 self._stop.wait(delay)
                 delay = min(delay * 2, 15.0)
+
+    def producer_config(self) -> dict:
+        """kafka-python producer settings for events and DLQ records."""
+        s = self.settings
+        config = dict(
+            acks="all",
+            linger_ms=5,
+            batch_size=256 * 1024,
+            retries=5,
+            max_block_ms=30_000,
+            compression_type=None if s.compression == "none" else s.compression,
+        )
+        if self._transactional:
+            txn_id = s.transactional_id or f"{s.group_id}-{socket.gethostname()}"
+            config.update(transactional_id=txn_id, enable_idempotence=True)
+        return config
 
     def _use(self, scorer: Scorer) -> None:
         previous = self.scorer.version if self.scorer else None

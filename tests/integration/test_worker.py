@@ -401,9 +401,11 @@ def test_compressed_input_and_output_topics(broker, topics, model_dir, compressi
         p.send(topics["input"], value=codec.encode_json(row, id=f"z{i}"))
     p.flush()
     p.close()
-    Worker(
+    worker = Worker(
         settings_for(broker, topics, model_dir, emit="all", max_records=n, compression=compression)
-    ).run()
+    )
+    assert worker.producer_config()["compression_type"] == compression
+    worker.run()
     events = events_of(read_topic(broker.bootstrap, topics["output"], expect=n))
     assert sorted(e["id"] for e in events) == sorted(f"z{i}" for i in range(n))
 
