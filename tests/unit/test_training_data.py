@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from training import metrics
-from worker.datafile import load_dataset
 from training.fit import DataError
+from worker.datafile import load_dataset
 
 
 def test_csv_with_label_and_id_columns(tmp_path):
