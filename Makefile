@@ -31,8 +31,8 @@ test-all: $(STAMP)
 	$(PY) -m pytest -q tests
 
 lint: $(STAMP)
-	$(PY) -m ruff check worker training tests
-	$(PY) -m ruff format --check worker training tests
+	$(PY) -m ruff check worker training tests deploy
+	$(PY) -m ruff format --check worker training tests deploy
 
 bench: $(STAMP)
 	$(PY) -m tests.bench.run
