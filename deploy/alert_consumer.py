@@ -9,7 +9,6 @@ logged. SIGTERM: commit and exit 0.
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 import threading
 from collections import OrderedDict
@@ -18,10 +17,9 @@ import orjson
 import structlog
 from kafka import KafkaConsumer
 from kafka.errors import KafkaError
-from pydantic import ValidationError
 
-from worker.logs import configure_logging
-from worker.settings import KafkaSettings, settings_error_line
+from deploy.tool import start_tool, stop_on_signals
+from worker.settings import KafkaSettings
 
 log = structlog.get_logger("alerts")
 
@@ -112,16 +110,8 @@ def run(args: argparse.Namespace, kafka: KafkaSettings, stop: threading.Event) -
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    configure_logging()
-    try:
-        kafka = KafkaSettings()
-    except ValidationError as e:
-        print(f"error: {settings_error_line(e, 'KAFKA_')}", file=sys.stderr)
-        return 2
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    return run(args, kafka, stop)
+    kafka = start_tool()
+    return run(args, kafka, stop_on_signals())
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ keyed by sensor. Runs until --count records (0 = forever) or SIGTERM, then flush
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 import threading
 import time
@@ -17,11 +16,10 @@ import numpy as np
 import structlog
 from kafka import KafkaProducer
 from kafka.errors import KafkaError
-from pydantic import ValidationError
 
+from deploy.tool import start_tool, stop_on_signals
 from worker.codec import encode_json
-from worker.logs import configure_logging
-from worker.settings import KafkaSettings, settings_error_line
+from worker.settings import KafkaSettings
 
 log = structlog.get_logger("demo_producer")
 
@@ -110,16 +108,8 @@ def run(args: argparse.Namespace, kafka: KafkaSettings, stop: threading.Event) -
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    configure_logging()
-    try:
-        kafka = KafkaSettings()
-    except ValidationError as e:
-        print(f"error: {settings_error_line(e, 'KAFKA_')}", file=sys.stderr)
-        return 2
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    return run(args, kafka, stop)
+    kafka = start_tool()
+    return run(args, kafka, stop_on_signals())
 
 
 if __name__ == "__main__":

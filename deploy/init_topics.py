@@ -17,10 +17,9 @@ import structlog
 from kafka import KafkaAdminClient
 from kafka.admin import NewPartitions, NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
-from pydantic import ValidationError
 
-from worker.logs import configure_logging
-from worker.settings import KafkaSettings, settings_error_line
+from deploy.tool import start_tool
+from worker.settings import KafkaSettings
 
 log = structlog.get_logger("init_topics")
 
@@ -98,12 +97,7 @@ def ensure_topics(
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    configure_logging()
-    try:
-        kafka = KafkaSettings()
-    except ValidationError as e:
-        print(f"error: {settings_error_line(e, 'KAFKA_')}", file=sys.stderr)
-        return 2
+    kafka = start_tool()
     try:
         admin = connect(kafka, args.timeout_s)
         try:
