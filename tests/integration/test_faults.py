@@ -63,7 +63,7 @@ def sizes(short, long):
     """The same test body at two sizes: `short` in `make test`, `long` under -m soak."""
     return [
         pytest.param(short, id="short"),
-        pytest.param(long, id="long", marks=pytest.mark.soak),
+        pytest.param(long, id="long", marks=[pytest.mark.soak, pytest.mark.timeout(1800)]),
     ]
 
 
