@@ -77,7 +77,29 @@ def _reliability_report():
     yield
     out = os.environ.get("CAE_RELIABILITY_OUT")
     if out and _ROWS:
-        Path(out).write_text(json.dumps(_ROWS, indent=2) + "\n")
+        text = render_table(_ROWS) if out.endswith(".md") else json.dumps(_ROWS, indent=2) + "\n"
+        Path(out).write_text(text)
+
+
+def render_table(rows: list[dict]) -> str:
+    """The rows as the markdown table of docs/reliability.md."""
+    lines = [
+        "| test | size | fault | records streamed | faults injected | lost | duplicates "
+        "| recovery (s) | notes |",
+        "|---|---|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        notes = "; ".join(
+            f"{k.replace('_', ' ')} {r[k]}"
+            for k in ("readyz_503_polls", "rss_mb", "fds", "threads", "wall_s")
+            if k in r
+        )
+        lines.append(
+            f"| {r['test'].removeprefix('test_')} | {r['params'] or '-'} | {r['fault']} "
+            f"| {r['records']} | {r['faults']} | {r['lost']} | {r['duplicates']} "
+            f"| {r['recovery_s']} | {notes} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def record_row(request, **row) -> None:
