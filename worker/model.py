@@ -39,8 +39,8 @@ class CAEConfig(BaseModel):
         evaluation sets (docs/eval) a narrow code separated anomalies better than an
         overcomplete one or a half-width one, with or without the penalty.
         """
-        code = max(4, min(128, input_dim // 4))
-        return cls(input_dim=input_dim, code_dim=code, **overrides)
+        overrides.setdefault("code_dim", max(4, min(128, input_dim // 4)))
+        return cls(input_dim=input_dim, **overrides)
 
     @property
     def encoder_sizes(self) -> list[int]:

@@ -29,12 +29,14 @@ class CheckpointWatcher:
         precision: Precision,
         poll_s: float,
         metrics: WorkerMetrics,
+        cuda_graphs: bool = True,
     ):
         self.model_dir = Path(model_dir)
         self.device = device
         self.precision = precision
         self.poll_s = poll_s
         self.metrics = metrics
+        self.cuda_graphs = cuda_graphs
         self._seen: str | None = None
         self._pending: Scorer | None = None
         self._lock = threading.Lock()
@@ -56,7 +58,9 @@ class CheckpointWatcher:
         self._seen = version
         t0 = time.perf_counter()
         try:
-            scorer = load_scorer(self.model_dir / version, self.device, self.precision)
+            scorer = load_scorer(
+                self.model_dir / version, self.device, self.precision, self.cuda_graphs
+            )
         except CheckpointError as e:
             self._refuse(version, e)
             return None

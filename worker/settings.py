@@ -94,6 +94,7 @@ class WorkerSettings(BaseSettings):
     max_batch_wait_ms: int = Field(default=20, ge=0, le=60_000)
     device: str = "auto"
     precision: Literal["fp32", "bf16"] = "fp32"
+    cuda_graphs: bool = True  # CUDA only: replay captured graphs for common batch sizes
     # CPU threads for the model. One is fastest for micro-batches: more threads fight
     # the Kafka client's own threads (and the broker's) for the cores.
     torch_threads: int = Field(default=1, ge=1, le=256)

@@ -15,3 +15,10 @@ def test_early_stopping_keeps_best_epoch():
     _, history = train_model(x[:300], x[300:], config, penalty_weight=0.0)
     assert history.best_epoch > 0
     assert history.val_loss[history.best_epoch] == min(history.val_loss)
+
+
+def test_code_width_can_be_chosen():
+    from training.fit import TrainConfig
+
+    assert TrainConfig(code_dim=7).architecture(64).code_dim == 7
+    assert TrainConfig().architecture(64).code_dim == 16  # a quarter of the input by default
