@@ -86,6 +86,7 @@ class Worker:
             settings.precision,
             settings.reload_poll_s,
             self.metrics,
+            cuda_graphs=settings.cuda_graphs,
         )
         self.health: HealthServer | None = None
         self._transactional = settings.delivery == "exactly-once"
