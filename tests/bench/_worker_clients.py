@@ -136,12 +136,15 @@ def passthrough(threshold: float) -> dict:
             decoded = codec.decode(batch)
             n = len(decoded)
             stat = np.abs(decoded.rows).max(axis=1) if n else np.empty(0, np.float32)
-            zeros = np.zeros((n, k), dtype=np.float32)
+            flagged = stat >= threshold
+            explained = np.flatnonzero(flagged)  # like the worker: only rows that become events
+            zeros = np.zeros((len(explained), k), dtype=np.float32)
             fake = BatchScores(
                 scores=stat,
                 p_values=np.zeros(n, np.float32),
-                is_anomaly=stat >= threshold,
-                top_index=np.zeros((n, k), dtype=np.int64),
+                is_anomaly=flagged,
+                explained=explained,
+                top_index=np.zeros((len(explained), k), dtype=np.int64),
                 top_contribution=zeros,
                 top_expected=zeros,
             )
@@ -174,7 +177,9 @@ def naive() -> dict:
         for records in worker.consumer.poll(timeout_ms=200, max_records=1).values():
             for rec in records:
                 decoded = codec.decode([rec])
-                result = scorer.score_batch(decoded.rows) if len(decoded) else None
+                result = (
+                    scorer.score_batch(decoded.rows, explain="anomalies") if len(decoded) else None
+                )
                 events = (
                     build_events(decoded, result, scorer, False, int(time.time() * 1000))
                     if result

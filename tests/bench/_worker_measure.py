@@ -27,14 +27,18 @@ def log(msg: str) -> None:
 
 
 class Probe:
-    """Committed offsets of a group and CPU time of a process, sampled together."""
+    """Committed offsets of a group over a topic's partitions (summed, and per partition)."""
 
-    def __init__(self, admin: KafkaAdminClient, group: str, topic: str):
-        self.admin, self.group, self.tp = admin, group, TopicPartition(topic, 0)
+    def __init__(self, admin: KafkaAdminClient, group: str, topic: str, partitions: int = 1):
+        self.admin, self.group = admin, group
+        self.tps = [TopicPartition(topic, p) for p in range(partitions)]
+
+    def committed_parts(self) -> tuple[int, ...]:
+        got = self.admin.list_group_offsets({self.group: self.tps})[self.group]
+        return tuple(max(0, got[tp].offset) if got.get(tp) else 0 for tp in self.tps)
 
     def committed(self) -> int:
-        got = self.admin.list_group_offsets({self.group: [self.tp]})[self.group].get(self.tp)
-        return max(0, got.offset) if got else 0
+        return sum(self.committed_parts())
 
 
 def cpu_seconds(pid: int) -> float:
@@ -43,6 +47,19 @@ def cpu_seconds(pid: int) -> float:
     except OSError:
         return float("nan")
     return (int(fields[11]) + int(fields[12])) / _TICK  # utime + stime, all threads
+
+
+def memory_kib(pid: int) -> tuple[int | None, int | None]:
+    """(VmRSS, VmHWM) of a process in KiB; None once it has exited."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None, None
+    got = {}
+    for line in text.splitlines():
+        if line.startswith(("VmRSS:", "VmHWM:")):
+            got[line[:5]] = int(line.split()[1])
+    return got.get("VmRSS"), got.get("VmHWM")
 
 
 def run_loop(
@@ -56,56 +73,174 @@ def run_loop(
     timeout_s: float = 240,
 ) -> dict:
     """Start a loop process, sample its group's commits until it exits; the sustained rate."""
-    log_path = logdir / f"{label}.log"
+    return run_group(label, [(cmd, env)], probe, n, logdir, broker_pid, timeout_s)
+
+
+def run_group(
+    label: str,
+    procs: list[tuple[list[str], dict]],
+    probe: Probe,
+    n: int,
+    logdir: Path,
+    broker_pid: int,
+    timeout_s: float = 240,
+    stop_when_committed: bool = False,
+    ends: tuple[int, ...] | None = None,
+) -> dict:
+    """Start one or more loop processes (one consumer group) together and sample the
+    group's commits, the processes' CPU time and the first process's resident memory.
+
+    Bounded loops exit by themselves (WORKER_MAX_RECORDS); with `stop_when_committed`
+    they get SIGTERM once the group has committed `n` records (several workers share
+    the partitions, so none can be given its own bound). `ends` (per-partition end
+    offsets) adds the rate over the window in which every partition still had records
+    left, from the group's last assignment on: the rate with every worker busy.
+    """
     t_spawn = time.monotonic()
-    with open(log_path, "wb") as out:
-        proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
-    samples: list[tuple[float, int, float, float]] = []  # (t, committed, loop cpu, broker cpu)
+    t_spawn_wall = time.time()
+    running: list[tuple[subprocess.Popen, Path]] = []
+    for i, (cmd, env) in enumerate(procs):
+        log_path = logdir / (f"{label}.log" if len(procs) == 1 else f"{label}-{i}.log")
+        with open(log_path, "wb") as out:
+            proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+        running.append((proc, log_path))
+    last_cpu = [0.0] * len(running)
+    # (monotonic t, wall t, committed per partition, loops' cpu, broker cpu, rss KiB, hwm KiB)
+    samples: list[tuple] = []
+    stopping = False
     try:
         while True:
-            exited = proc.poll() is not None
-            cpu, bcpu = cpu_seconds(proc.pid), cpu_seconds(broker_pid)
-            t_before = time.monotonic()
-            c = probe.committed()
-            samples.append(((t_before + time.monotonic()) / 2, c, cpu, bcpu))
+            exited = all(p.poll() is not None for p, _ in running)
+            for i, (p, _) in enumerate(running):
+                c = cpu_seconds(p.pid)
+                if c == c:
+                    last_cpu[i] = c
+            rss, hwm = memory_kib(running[0][0].pid)
+            bcpu = cpu_seconds(broker_pid)
+            t_before, w_before = time.monotonic(), time.time()
+            parts = probe.committed_parts()
+            samples.append(
+                (
+                    (t_before + time.monotonic()) / 2,
+                    (w_before + time.time()) / 2,
+                    parts,
+                    sum(last_cpu),
+                    bcpu,
+                    rss,
+                    hwm,
+                )
+            )
             if exited:
                 break
+            if stop_when_committed and not stopping and sum(parts) >= n:
+                stopping = True
+                for p, _ in running:
+                    p.send_signal(signal.SIGTERM)
             if time.monotonic() - t_spawn > timeout_s:
                 raise RuntimeError(
-                    f"{label}: committed {c} of {n} after {timeout_s}s; log {log_path}"
+                    f"{label}: committed {sum(parts)} of {n} after {timeout_s}s; "
+                    f"logs {[str(lp) for _, lp in running]}"
                 )
             time.sleep(SAMPLE_S)
-        proc.wait(timeout=60)
+        for p, _ in running:
+            p.wait(timeout=60)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    if proc.returncode != 0:
-        raise RuntimeError(
-            f"{label} exited {proc.returncode}; log {log_path}:\n{log_path.read_text()[-2000:]}"
-        )
-    summary = _last_json(log_path)
-    if summary and summary.get("records", n) != n:
-        raise RuntimeError(f"{label} handled {summary['records']} records, not {n}; log {log_path}")
-    first = next((s for s in samples if s[1] > 0), None)
-    last = next((s for s in samples if s[1] >= n), None)
+        for p, _ in running:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for p, lp in running:
+        if p.returncode != 0:
+            raise RuntimeError(
+                f"{label} exited {p.returncode}; log {lp}:\n{lp.read_text()[-2000:]}"
+            )
+    summaries = [_last_json(lp) for _, lp in running]
+    handled = sum((s or {}).get("records", 0) for s in summaries)
+    if all(summaries) and handled != n and not stop_when_committed:
+        raise RuntimeError(f"{label} handled {handled} records, not {n}; logs in {logdir}")
+    total = [(s[0], sum(s[2]), s[3], s[4]) for s in samples]
+    first = next((s for s in total if s[1] > 0), None)
+    last = next((s for s in total if s[1] >= n), None)
     if first is None or last is None or last[1] - first[1] <= 0 or last[0] <= first[0]:
         raise RuntimeError(
             f"{label}: too few commit samples to time ({len(samples)}); raise the record count"
         )
     dt = last[0] - first[0]
     done = last[1] - first[1]
-    cpu = (last[2] - first[2]) if last[2] == last[2] else float("nan")
-    return {
+    cpu = last[2] - first[2]
+    result = {
         "records": n,
+        "processes": len(running),
         "timed_records": done,
         "seconds": round(dt, 3),
         "records_per_s": done / dt,
         "startup_s": round(first[0] - t_spawn, 2),
-        "cpu_cores": (cpu / dt) if cpu == cpu else None,
-        "cpu_us_per_record": (cpu / done * 1e6) if cpu == cpu else None,
+        "cpu_cores": cpu / dt,
+        "cpu_us_per_record": cpu / done * 1e6,
         "broker_cpu_cores": (last[3] - first[3]) / dt,
-        "summary": summary,
+        "summary": summaries[0] if len(summaries) == 1 else summaries,
+        "memory": _memory(samples, first[0], last[0]),
+    }
+    if ends is not None:
+        assigned = [_assignments(lp) for _, lp in running]
+        result["assignments"] = [[parts for _, parts in a] for a in assigned]
+        # From the group's last (re)assignment, or the first commit, whichever is later.
+        t_stable_wall = max([t for a in assigned for t, _ in a[-1:]], default=t_spawn_wall)
+        result["all_busy"] = _busy_window(samples, ends, t_stable_wall)
+        result["rebalance_s"] = round(t_stable_wall - t_spawn_wall - result["startup_s"], 2)
+    return result
+
+
+def _memory(samples: list[tuple], t_from: float, t_to: float) -> dict:
+    """Resident memory (MB = 10^6 bytes) of the first process while it worked, after a
+    1 s warm-up from its first commit (model loaded, clients connected, first batches)."""
+    kib = [s[5] for s in samples if t_from + 1.0 <= s[0] <= t_to and s[5] is not None]
+    if not kib:  # a short run: everything from the first commit on
+        kib = [s[5] for s in samples if t_from <= s[0] <= t_to and s[5] is not None]
+    hwm = [s[6] for s in samples if s[6] is not None]
+    mb = lambda k: round(k * 1024 / 1e6, 1)  # noqa: E731
+    if not kib:
+        return {"samples": 0}
+    return {
+        "samples": len(kib),
+        "steady_rss_mb": mb(float(np.median(kib))),
+        "peak_rss_mb": mb(max(kib)),
+        "lifetime_peak_rss_mb": mb(max(hwm)) if hwm else None,  # VmHWM: start-up included
+    }
+
+
+def _assignments(log_path: Path) -> list[tuple[float, list[str]]]:
+    """(wall time, partitions) of each `partitions_assigned` line of a worker's log."""
+    from datetime import datetime
+
+    out = []
+    for line in log_path.read_text().splitlines():
+        if '"partitions_assigned"' not in line:
+            continue
+        try:
+            rec = json.loads(line)
+            ts = datetime.fromisoformat(rec["timestamp"].replace("Z", "+00:00")).timestamp()
+        except (ValueError, KeyError):
+            continue
+        out.append((ts, rec.get("partitions", [])))
+    return out
+
+
+def _busy_window(samples: list[tuple], ends: tuple[int, ...], t_stable_wall: float) -> dict:
+    """The group's rate while every partition still had records left, from `t_stable_wall`."""
+    start = next((s for s in samples if s[1] >= t_stable_wall and sum(s[2]) > 0), None)
+    stop = next((s for s in samples if any(c >= e for c, e in zip(s[2], ends, strict=True))), None)
+    if start is None or stop is None or stop[0] - start[0] < 4 * SAMPLE_S:
+        return {"records_per_s": None, "seconds": 0.0}
+    dt = stop[0] - start[0]
+    done = sum(stop[2]) - sum(start[2])
+    cpu = stop[3] - start[3]
+    return {
+        "records_per_s": done / dt,
+        "seconds": round(dt, 3),
+        "timed_records": done,
+        "cpu_cores": cpu / dt,
+        "cpu_us_per_record": cpu / done * 1e6 if done else None,
     }
 
 
@@ -119,13 +254,18 @@ def _last_json(path: Path) -> dict | None:
     return None
 
 
-def end_offset(bootstrap: str, topic: str) -> int:
+def end_offsets(bootstrap: str, topic: str, partitions: int = 1) -> tuple[int, ...]:
     c = KafkaConsumer(bootstrap_servers=bootstrap)
-    tp = TopicPartition(topic, 0)
+    tps = [TopicPartition(topic, p) for p in range(partitions)]
     try:
-        return c.end_offsets([tp])[tp]
+        got = c.end_offsets(tps)
+        return tuple(got[tp] for tp in tps)
     finally:
         c.close()
+
+
+def end_offset(bootstrap: str, topic: str) -> int:
+    return end_offsets(bootstrap, topic)[0]
 
 
 def percentile_summary(lat_ms: np.ndarray) -> dict:

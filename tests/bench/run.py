@@ -1,26 +1,34 @@
-"""Every benchmark under tests/bench, one after another, and one table of their ratios.
+"""Every benchmark under tests/bench, one after another, and one table of key figures.
 
     .venv/bin/python -m tests.bench.run [NAME ...]      (make bench)
 
 A benchmark is a module here with a `main()` that runs with no arguments, writes
 its own results/NAME.json and returns a dict (or nothing: then results/NAME.json
-is read). Into the combined table go its "ratios" (a list of {"name", "value",
-"goal", "met"}, or a mapping name -> value), or else every row of its "results"
-list that has a "ratio..." field, named by its text fields. `gpu` runs only with
-`make bench-gpu`.
+is read). Each prints its own detailed tables while it runs; at the end comes ONE
+markdown table (also written to results/summary.md) with the date and the machine:
+
+* worker: its `summary_rows(results)` (ratios with the rates and CPU µs per record
+  they come from, 2 workers / 1, resident memory, latency);
+* penalty: closed / plain and estimate / plain training-step time (default model);
+* CPU vs GPU: the ratios of results/gpu.json when it exists (`make bench-gpu` writes
+  it on a CUDA machine; it is not run here), else "no GPU on this machine";
+* any other benchmark: its "ratios" (a list of {"name", "value", "goal", "met"}, or
+  a mapping name -> value), or else every row of its "results" list that has a
+  "ratio..." field, named by its text fields.
 """
 
 from __future__ import annotations
 
 import importlib
 import json
+import os
 import pkgutil
 import sys
 import time
 import traceback
 from pathlib import Path
 
-from tests.bench.common import RESULTS_DIR, markdown_table
+from tests.bench.common import RESULTS_DIR, machine, markdown_table, now_iso
 
 PACKAGE = "tests.bench"
 EXPECTED = ("worker", "penalty")  # named even before they exist, so a missing one shows
@@ -71,10 +79,106 @@ def _ratio_row(row: dict) -> dict | None:
     }
 
 
+def _load(name: str, returned) -> dict:
+    if isinstance(returned, dict):
+        return returned
+    path = RESULTS_DIR / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _generic_rows(name: str, returned) -> list[dict]:
+    return [
+        {"figure": f"{name}: {r[1]}", "value": r[2], "goal": r[3], "met": r[4], "detail": ""}
+        for r in _ratios(name, returned)
+    ]
+
+
+def _penalty_rows(results: dict) -> list[dict]:
+    """closed / plain and estimate / plain for the default model at batch 256 (its goals)."""
+    rows = {
+        (r.get("architecture"), r.get("batch"), r.get("mode")): r
+        for r in results.get("results", [])
+        if isinstance(r, dict)
+    }
+    plain = rows.get(("default", 256, "plain"))
+    out = []
+    for mode in ("closed", "estimate"):
+        r = rows.get(("default", 256, mode))
+        if r is None or plain is None:
+            continue
+        large = rows.get(("default", 1024, mode))
+        detail = (
+            f"{r['ms_per_step']:.2f} vs {plain['ms_per_step']:.2f} ms/step, batch 256, "
+            f"interleaved; CPU-time ratio {r['cpu_time_ratio_to_plain']:.2f}×"
+        )
+        if large:
+            detail += f"; batch 1024: {large['ratio_to_plain']:.2f}×"
+        goal = r.get("goal")
+        out.append(
+            {
+                "figure": f"training step, penalty {mode} / plain (λ = 0)",
+                "value": r["ratio_to_plain"],
+                "goal": None if goal is None else f"≤ {goal}",
+                "met": r.get("met"),
+                "detail": detail + f" (results/penalty.json, {results.get('date', '?')})",
+            }
+        )
+    return out
+
+
+def _gpu_rows() -> list[dict]:
+    path = RESULTS_DIR / "gpu.json"
+    if not path.exists():
+        return [
+            {
+                "figure": "CPU vs GPU",
+                "value": "no GPU on this machine",
+                "goal": None,
+                "met": None,
+                "detail": "make bench-gpu on a CUDA machine writes results/gpu.json",
+            }
+        ]
+    results = json.loads(path.read_text())
+    where = results.get("machine", {})
+    device = where.get("gpu") or where.get("cuda_device") or where.get("device") or "GPU"
+    rows = _generic_rows("CPU vs GPU", results)
+    for r in rows:
+        r["detail"] = f"results/gpu.json, {results.get('date', '?')}, {device}"
+    return rows or [
+        {
+            "figure": "CPU vs GPU",
+            "value": "results/gpu.json has no ratios",
+            "goal": None,
+            "met": None,
+            "detail": "",
+        }
+    ]
+
+
+def summary_table(rows: list[dict]) -> str:
+    return markdown_table(
+        ["figure", "value", "goal", "met", "measured side by side"],
+        [
+            [
+                r["figure"],
+                r["value"],
+                r["goal"],
+                {True: "yes", False: "NO"}.get(r["met"], ""),
+                r["detail"],
+            ]
+            for r in rows
+        ],
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
-    wanted = list(argv if argv is not None else sys.argv[1:]) or discover()
-    rows: list[list] = []
-    status: list[list] = []
+    given = list(argv if argv is not None else sys.argv[1:])
+    wanted = given or discover()
+    facts = machine()
+    started = time.monotonic()
+    date = now_iso()
+    rows: list[dict] = []
+    status: list[str] = []
     failed = False
     for name in wanted:
         try:
@@ -82,10 +186,10 @@ def main(argv: list[str] | None = None) -> int:
         except ModuleNotFoundError as e:
             if e.name != f"{PACKAGE}.{name}":
                 raise
-            status.append([name, "not present yet", ""])
+            status.append(f"{name} not present yet")
             continue
         if not callable(getattr(module, "main", None)):
-            status.append([name, "no main()", ""])
+            status.append(f"{name} has no main()")
             continue
         print(f"\n## {name}\n", flush=True)
         t0 = time.monotonic()
@@ -95,23 +199,58 @@ def main(argv: list[str] | None = None) -> int:
             returned = None
             if e.code not in (0, None):
                 failed = True
-                status.append([name, f"exit {e.code}", f"{time.monotonic() - t0:.0f}"])
+                status.append(f"{name} exit {e.code} after {time.monotonic() - t0:.0f} s")
+                rows.append(
+                    {
+                        "figure": name,
+                        "value": f"exit {e.code}",
+                        "goal": None,
+                        "met": False,
+                        "detail": "",
+                    }
+                )
                 continue
         except Exception:
             traceback.print_exc()
             failed = True
-            status.append([name, "FAILED", f"{time.monotonic() - t0:.0f}"])
+            status.append(f"{name} FAILED after {time.monotonic() - t0:.0f} s")
+            rows.append(
+                {"figure": name, "value": "FAILED", "goal": None, "met": False, "detail": ""}
+            )
             continue
-        status.append([name, "ok", f"{time.monotonic() - t0:.0f}"])
-        rows += _ratios(name, returned)
-    print("\n## Benchmarks\n")
-    print(markdown_table(["benchmark", "status", "seconds"], status))
-    print()
-    print(
-        markdown_table(
-            ["benchmark", "ratio", "value", "goal", "met"], rows or [["", "(none)", None, None, ""]]
-        )
+        status.append(f"{name} {time.monotonic() - t0:.0f} s")
+        try:
+            if name == "penalty":
+                rows += _penalty_rows(_load(name, returned)) or _generic_rows(name, returned)
+            elif callable(getattr(module, "summary_rows", None)):
+                rows += module.summary_rows(_load(name, returned))
+            else:
+                rows += _generic_rows(name, returned)
+        except Exception:  # a summary bug must not lose the other rows
+            traceback.print_exc()
+            failed = True
+            rows += _generic_rows(name, returned)
+    rows += _gpu_rows()
+    load_end = round(os.getloadavg()[0], 2)
+    text = "\n".join(
+        [
+            f"### Benchmarks, {date}",
+            "",
+            f"{facts['cpu_count']} CPUs ({facts['processor']}, {facts['platform']}), "
+            f"Python {facts['python']}, torch {facts['torch']}, kafka-python "
+            f"{facts['kafka-python']} with {facts['kafka_crc32c']}; load (1 min) "
+            f"{facts['load_avg_1m_at_start']} at start, {load_end} at end; "
+            f"{time.monotonic() - started:.0f} s: {', '.join(status)}. "
+            "Command: `.venv/bin/python -m tests.bench.run` (make bench).",
+            "",
+            summary_table(rows),
+        ]
     )
+    print("\n## Summary\n")
+    print(text, flush=True)
+    if not given or set(given) >= set(EXPECTED):  # a partial run leaves summary.md alone
+        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+        (RESULTS_DIR / "summary.md").write_text(text + "\n")
     return 1 if failed else 0
 
 

@@ -1,25 +1,34 @@
-"""Worker throughput and latency against the embedded broker (issues #3 and #7).
+"""Worker throughput, scale, memory and latency against the embedded broker (issues #3, #7).
 
     .venv/bin/python -m tests.bench.worker [--json-records N] [--float32-records N] ...
 
-One run, one embedded Tansu broker, one input partition per topic, 64-float records
-with ~1.5% planted anomalies. For JSON and for application/x-float32 records it
-measures, each over the same pre-filled topic (one consumer group per loop):
+One run, one embedded Tansu broker, 64-float records with ~1.5% planted anomalies.
+For JSON (a 2-partition topic) and for application/x-float32 records (1 partition)
+it measures, each over the same pre-filled topic (one consumer group per loop):
 
-* worker       `python -m worker` (a subprocess, WORKER_MAX_RECORDS bounds it)
+* worker       `python -m worker` (a subprocess, WORKER_MAX_RECORDS bounds it), defaults
+               (WORKER_TORCH_THREADS=1, WORKER_EMIT=anomalies)
+* 2 workers    (JSON) two `python -m worker` in one group, one partition each: the
+               rate while both partitions still have records, after the last rebalance
+* worker, emit=all  the worker publishing one event per record: the capacity that
+               the latency run offers half of
 * passthrough  the same client settings, micro-batching, codec, event builder and
                publish path with no model, flagging as many rows as the model: the ceiling
 * naive        per record: poll one, decode, score a 1-row batch, send, flush, commit
 
-Throughput is the slope of the group's committed offset, sampled every 50 ms, from
+Throughput is the slope of the group's committed offsets, sampled every 50 ms, from
 the first commit seen to the last (start-up and group join excluded). CPU is the
-loop process's user+system time over that same window. Then, for the multi-row
-format (application/x-float32-rows), the worker's and the passthrough's vectors/s;
-and end-to-end latency: a producer process sends at half the worker's measured
-throughput for --latency-s seconds with WORKER_EMIT=all, and this process reads
-every event, latency = arrival here - the input record's timestamp (set at send).
+loop processes' user+system time over that same window. The worker's resident
+memory (VmRSS, /proc/PID/status) is sampled alongside, after a 1 s warm-up. Then,
+for the multi-row format (application/x-float32-rows), the worker's and the
+passthrough's vectors/s; and end-to-end latency: a producer process sends at half
+the worker's measured WORKER_EMIT=all throughput for --latency-s seconds, the worker
+runs with WORKER_EMIT=all, and this process reads every event, latency = arrival
+here - the input record's timestamp (set at send).
 
-Results: tests/bench/results/worker.json and a markdown table on stdout.
+--worker-env KEY=VALUE adds an A/B loop "worker+env" (not in the standard run).
+
+Results: tests/bench/results/worker.json and markdown tables on stderr/stdout.
 """
 
 from __future__ import annotations
@@ -41,10 +50,10 @@ from tests.bench._worker_measure import (
     CLIENTS,
     SAMPLE_S,
     Probe,
-    end_offset,
+    end_offsets,
     log,
     measure_latency,
-    run_loop,
+    run_group,
 )
 from tests.bench.common import REPO, machine, markdown_table, now_iso, ratio, write_results
 from worker.broker import EmbeddedBroker
@@ -52,7 +61,14 @@ from worker.broker import EmbeddedBroker
 NAME = "worker"
 DIM = 64
 ANOMALY_RATE = 0.015
-GOALS = {"worker/passthrough": 0.8, "worker/naive": 20.0, "rows_vectors_per_s": 500_000.0}
+GOALS = {
+    "worker/passthrough": 0.8,
+    "worker/naive": 20.0,
+    "rows_vectors_per_s": 500_000.0,
+    "rss_mb": 500.0,  # at most, on CPU
+}
+# The JSON topic has two partitions, so one and two workers read the same records.
+PARTITIONS = {"in-json": 2}
 
 
 def make_data(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -86,9 +102,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m tests.bench.worker", description=__doc__.split("\n\n")[0]
     )
-    p.add_argument("--json-records", type=int, default=100_000)
+    p.add_argument("--json-records", type=int, default=150_000)
     p.add_argument("--float32-records", type=int, default=150_000)
     p.add_argument("--naive-records", type=int, default=2_000)
+    p.add_argument(
+        "--emit-all-records",
+        type=int,
+        default=50_000,
+        help="records for the WORKER_EMIT=all capacity runs (the first of the topic)",
+    )
     p.add_argument("--rows-records", type=int, default=2_000)
     p.add_argument("--rows-per-record", type=int, default=256)
     p.add_argument("--latency-s", type=float, default=12.0)
@@ -122,9 +144,9 @@ def main(argv: list[str] | None = None) -> dict:
         "wall_s": round(time.monotonic() - started, 1),
         **results,
     }
-    print(render(results))
-    if not args.no_write:
+    if not args.no_write:  # before rendering: a rendering bug must not lose a run
         log(f"wrote {write_results(NAME, results)}")
+    print(render(results))
     return results
 
 
@@ -134,7 +156,7 @@ def _run(args: argparse.Namespace, broker: EmbeddedBroker, tmp: Path) -> dict:
     model_dir = tmp / "models"
 
     def create(topics: list[str]) -> None:
-        admin.create_topics([NewTopic(t, 1, 1) for t in topics])
+        admin.create_topics([NewTopic(t, PARTITIONS.get(t, 1), 1) for t in topics])
 
     def env(
         topic: str, out: str, group: str, max_records: int | None, emit: str = "anomalies"
@@ -211,48 +233,76 @@ def _run(args: argparse.Namespace, broker: EmbeddedBroker, tmp: Path) -> dict:
         thresholds[enc] = float(np.quantile(np.abs(x).max(axis=1), 1 - flagged_rows[enc].mean()))
     del scorer
 
-    probe_for = lambda group, topic: Probe(admin, group, topic)  # noqa: E731
+    probe_for = lambda group, topic: Probe(admin, group, topic, PARTITIONS.get(topic, 1))  # noqa: E731
     throughput: dict[str, dict] = {}
     extra_env = dict(kv.split("=", 1) for kv in args.worker_env)
     ab = ["worker+env"] if extra_env else []
+    # Side by side on the same pre-filled topic; "worker, emit=all" is the capacity the
+    # latency run offers half of; "2 workers" share the JSON topic's two partitions.
     loops = [
-        ("json", ["worker", *ab, "passthrough", "naive"]),
-        ("float32", ["worker", *ab, "passthrough", "naive"]),
+        ("json", ["worker", "2 workers", *ab, "worker, emit=all", "passthrough", "naive"]),
+        ("float32", ["worker", *ab, "worker, emit=all", "passthrough", "naive"]),
         ("rows", ["worker", *ab, "passthrough"]),
     ]
     for enc, kinds in loops:
         topic = f"in-{enc}"
+        ends = end_offsets(bootstrap, topic, PARTITIONS.get(topic, 1))
         throughput[enc] = {}
         for kind in kinds:
-            n = args.naive_records if kind == "naive" else fill_stats[enc]["records"]
-            group, out = f"{enc}-{kind}", f"{enc}-{kind}-events"
+            n = fill_stats[enc]["records"]
+            if kind == "naive":
+                n = min(n, args.naive_records)
+            elif kind.endswith("emit=all"):
+                n = min(n, args.emit_all_records)
+            slug = kind.replace(", ", "-").replace("=", "-").replace(" ", "-")
+            group, out = f"{enc}-{slug}", f"{enc}-{slug}-events"
             create([out])
-            loop_env = env(topic, out, group, n)
+            workers = 2 if kind == "2 workers" else 1
+            loop_env = env(
+                topic,
+                out,
+                group,
+                None if workers > 1 else n,
+                emit="all" if kind.endswith("emit=all") else "anomalies",
+            )
             if kind == "worker+env":
                 loop_env.update(extra_env)
-            cmd = {
-                "worker": [sys.executable, "-m", "worker"],
-                "worker+env": [sys.executable, "-m", "worker"],
-                "passthrough": [*CLIENTS, "passthrough", str(thresholds[enc])],
-                "naive": [*CLIENTS, "naive"],
-            }[kind]
-            log(f"{enc} {kind}: {n} records")
-            r = run_loop(
-                f"{enc}-{kind}", cmd, loop_env, probe_for(group, topic), n, tmp, broker._proc.pid
+            cmd = (
+                [*CLIENTS, "passthrough", str(thresholds[enc])]
+                if kind == "passthrough"
+                else [*CLIENTS, "naive"]
+                if kind == "naive"
+                else [sys.executable, "-m", "worker"]
             )
-            r["outputs"] = end_offset(bootstrap, out)
+            log(f"{enc} {kind}: {n} records")
+            r = run_group(
+                f"{enc}-{slug}",
+                [(cmd, loop_env)] * workers,
+                probe_for(group, topic),
+                n,
+                tmp,
+                broker._proc.pid,
+                stop_when_committed=workers > 1,
+                ends=ends if len(ends) > 1 and kind in ("worker", "2 workers") else None,
+            )
+            r["outputs"] = sum(end_offsets(bootstrap, out))
             if enc == "rows":
                 r["vectors_per_s"] = r["records_per_s"] * args.rows_per_record
+            busy = r.get("all_busy", {}).get("records_per_s")
             log(
-                f"{enc} {kind}: {r['records_per_s']:,.0f} records/s, {r['outputs']} events, "
-                f"{r['cpu_us_per_record']:.1f} us cpu/record, started in {r['startup_s']} s"
+                f"{enc} {kind}: {r['records_per_s']:,.0f} records/s"
+                + (f" ({busy:,.0f}/s with every partition busy)" if busy else "")
+                + f", {r['outputs']} events, {r['cpu_us_per_record']:.1f} us cpu/record, "
+                f"started in {r['startup_s']} s, rss {r['memory'].get('steady_rss_mb')} MB"
             )
             throughput[enc][kind] = r
 
     latency = {}
     variants = {"worker": {}, **({"worker+env": extra_env} if extra_env else {})}
     for enc in ("json", "float32"):
-        rate = round(throughput[enc]["worker"]["records_per_s"] / 2)
+        # Every record's event is needed, so the worker runs with WORKER_EMIT=all: offer
+        # half of what it sustains that way (not half of the anomalies-only rate).
+        rate = round(throughput[enc]["worker, emit=all"]["records_per_s"] / 2)
         for label, extra in variants.items():
             log(f"latency {enc} {label}: {rate} records/s for {args.latency_s}s, WORKER_EMIT=all")
             r = measure_latency(
@@ -304,9 +354,35 @@ def _run(args: argparse.Namespace, broker: EmbeddedBroker, tmp: Path) -> dict:
     )
     ratios.append(
         ratio(
+            "vectors/s: batched (float32-rows) / single records (float32)",
+            rows_vps / throughput["float32"]["worker"]["records_per_s"],
+            None,
+            NAME,
+        )
+    )
+    ratios.append(
+        ratio(
             "float32-rows: worker vectors/s / 500k",
             rows_vps / GOALS["rows_vectors_per_s"],
             1.0,
+            NAME,
+        )
+    )
+    one, two = throughput["json"]["worker"], throughput["json"]["2 workers"]
+    busy1, busy2 = one["all_busy"]["records_per_s"], two["all_busy"]["records_per_s"]
+    ratios.append(
+        ratio(
+            "json: 2 workers / 1 worker (every partition busy)",
+            busy2 / busy1 if busy1 and busy2 else None,
+            None,
+            NAME,
+        )
+    )
+    ratios.append(
+        ratio(
+            "json: 2 workers / 1 worker (whole run, first commit to last)",
+            two["records_per_s"] / one["records_per_s"],
+            None,
             NAME,
         )
     )
@@ -325,7 +401,7 @@ def _run(args: argparse.Namespace, broker: EmbeddedBroker, tmp: Path) -> dict:
     return {
         "config": {
             "broker": "embedded Tansu (memory storage), loopback",
-            "input_partitions": 1,
+            "input_partitions": {f"in-{enc}": PARTITIONS.get(f"in-{enc}", 1) for enc in sizes},
             "dim": DIM,
             "planted_anomaly_rate": ANOMALY_RATE,
             "model_target_fpr": target_fpr,
@@ -337,8 +413,10 @@ def _run(args: argparse.Namespace, broker: EmbeddedBroker, tmp: Path) -> dict:
             "latency_method": (
                 "arrival at a test consumer (fetch_max_wait_ms=10) minus the input record's CreateTime "
                 "(set at send); WORKER_EMIT=all; steady producer (linger_ms=5, acks=all) at half the "
-                "worker's throughput. Tansu answers a fetch at fetch_max_wait_ms rather than when data "
-                "arrives, so the worker's default 500 ms fetch wait shows in send→detected"
+                "worker's throughput with WORKER_EMIT=all (measured in the same run), so the worker is "
+                "not saturated and the figure is not a queueing delay. Tansu answers a fetch at "
+                "fetch_max_wait_ms rather than when data arrives; the worker bounds its fetch wait "
+                "by WORKER_MAX_BATCH_WAIT_MS (20 ms)"
             ),
         },
         "prefill": fill_stats,
@@ -365,8 +443,25 @@ def render(results: dict) -> str:
                     r["cpu_cores"],
                     r["cpu_us_per_record"],
                     r["broker_cpu_cores"],
+                    r.get("memory", {}).get("steady_rss_mb"),
+                    r.get("memory", {}).get("peak_rss_mb"),
                 ]
             )
+    scale = [
+        [
+            kind,
+            r["processes"],
+            r["all_busy"].get("records_per_s"),
+            r["all_busy"].get("seconds"),
+            r["all_busy"].get("cpu_us_per_record"),
+            r["records_per_s"],
+            r["cpu_us_per_record"],
+            " / ".join(",".join(a[-1]) if a else "-" for a in r["assignments"]),
+            len(r["assignments"][0]) if r["assignments"] else 0,
+        ]
+        for kind, r in t["json"].items()
+        if "all_busy" in r
+    ]
     out = [
         f"### Worker benchmark ({results['date']}, {results['machine']['cpu_count']} CPUs, "
         f"load {results['machine']['load_avg_1m_at_start']}→{results['machine']['load_avg_1m_at_end']}, "
@@ -383,8 +478,25 @@ def render(results: dict) -> str:
                 "loop CPU (cores)",
                 "CPU µs/record",
                 "broker CPU (cores)",
+                "RSS steady MB",
+                "RSS peak MB",
             ],
             rows,
+        ),
+        "",
+        markdown_table(
+            [
+                "JSON, 2 partitions",
+                "processes",
+                "records/s, every partition busy",
+                "over s",
+                "CPU µs/record",
+                "records/s, first commit to last",
+                "CPU µs/record",
+                "last assignment per worker",
+                "assignments seen (worker 0)",
+            ],
+            scale,
         ),
         "",
         markdown_table(
@@ -434,3 +546,117 @@ def _p50_p99(summary: dict) -> str:
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+
+
+def summary_rows(results: dict) -> list[dict]:
+    """Key figures for the one table of `python -m tests.bench.run`: figure, value, goal
+    (text), met, and what was measured side by side (rates with CPU µs per record)."""
+    t, lat = results["throughput"], results["latency"]
+    by_name = {r["name"]: r for r in results["ratios"]}
+
+    def rate(r: dict, unit: str = "rec/s", key: str = "records_per_s") -> str:
+        return f"{r[key]:,.0f} {unit} ({r['cpu_us_per_record']:.0f} µs CPU/rec)"
+
+    def row(figure, value, goal=None, met=None, detail=""):
+        return {"figure": figure, "value": value, "goal": goal, "met": met, "detail": detail}
+
+    out = []
+    for enc, label in (("json", "JSON"), ("float32", "float32")):
+        w, pt, nv = t[enc]["worker"], t[enc]["passthrough"], t[enc]["naive"]
+        r = by_name[f"{enc}: worker / passthrough"]
+        out.append(
+            row(
+                f"{label}: worker / passthrough",
+                r["value"],
+                f"≥ {r['goal']}",
+                r["met"],
+                f"{rate(w)} vs {rate(pt)}",
+            )
+        )
+    r = by_name["float32-rows: worker / passthrough"]
+    w, pt = t["rows"]["worker"], t["rows"]["passthrough"]
+    rpr = results["config"]["rows_per_record"]
+    out.append(
+        row(
+            f"float32-rows ({rpr} rows/record): worker / passthrough",
+            r["value"],
+            f"≥ {r['goal']}",
+            r["met"],
+            f"{w['vectors_per_s']:,.0f} vs {pt['vectors_per_s']:,.0f} vectors/s "
+            f"({w['cpu_us_per_record'] / rpr:.1f} vs {pt['cpu_us_per_record'] / rpr:.1f} µs CPU/vector)",
+        )
+    )
+    for enc, label in (("json", "JSON"), ("float32", "float32")):
+        w, nv = t[enc]["worker"], t[enc]["naive"]
+        r = by_name[f"{enc}: worker / naive"]
+        out.append(
+            row(
+                f"{label}: worker / naive per-record loop",
+                r["value"],
+                f"≥ {r['goal']}",
+                r["met"],
+                f"{rate(w)} vs {rate(nv)}",
+            )
+        )
+    f32 = t["float32"]["worker"]
+    r = by_name["vectors/s: batched (float32-rows) / single records (float32)"]
+    out.append(
+        row(
+            "batched (float32-rows) / single float32 records, vectors/s",
+            r["value"],
+            "",
+            None,
+            f"{t['rows']['worker']['vectors_per_s']:,.0f} vs {f32['records_per_s']:,.0f} vectors/s "
+            f"({t['rows']['worker']['cpu_us_per_record'] / rpr:.1f} vs "
+            f"{f32['cpu_us_per_record']:.0f} µs CPU/vector); goal 500k vectors/s: "
+            f"{'met' if by_name['float32-rows: worker vectors/s / 500k']['met'] else 'not met'}",
+        )
+    )
+    one, two = t["json"]["worker"], t["json"]["2 workers"]
+    r = by_name["json: 2 workers / 1 worker (every partition busy)"]
+    b1, b2 = one["all_busy"], two["all_busy"]
+    out.append(
+        row(
+            "JSON: 2 workers / 1 worker, one group, 2 partitions, 2 cores",
+            r["value"],
+            "",
+            None,
+            (
+                f"{b2['records_per_s']:,.0f} vs {b1['records_per_s']:,.0f} rec/s with every "
+                f"partition busy ({b2['cpu_us_per_record']:.0f} vs {b1['cpu_us_per_record']:.0f} "
+                f"µs CPU/rec, both workers' CPU); whole run incl. rebalance "
+                f"{two['records_per_s'] / one['records_per_s']:.2f}×"
+                if r["value"] is not None
+                else "no window with both partitions busy after the last rebalance"
+            ),
+        )
+    )
+    mem = one["memory"]
+    out.append(
+        row(
+            "worker RSS, steady / peak (JSON throughput run)",
+            f"{mem.get('steady_rss_mb')} / {mem.get('peak_rss_mb')} MB",
+            f"≤ {GOALS['rss_mb']:.0f} MB",
+            None if mem.get("peak_rss_mb") is None else mem["peak_rss_mb"] <= GOALS["rss_mb"],
+            f"VmRSS every 50 ms after warm-up, {mem.get('samples')} samples; "
+            f"VmHWM incl. start-up {mem.get('lifetime_peak_rss_mb')} MB",
+        )
+    )
+    for enc, label in (("json", "JSON"), ("float32", "float32")):
+        v = lat.get(f"{enc} worker")
+        if not v:
+            continue
+        cap = t[enc]["worker, emit=all"]
+        d = v["split"]["input_to_detected"]
+        out.append(
+            row(
+                f"{label}: end-to-end latency p50 / p99",
+                f"{v.get('p50_ms', float('nan')):.0f} / {v.get('p99_ms', float('nan')):.0f} ms",
+                "",
+                None,
+                f"at {v['achieved_rate']:,.0f} rec/s = half the WORKER_EMIT=all capacity "
+                f"({cap['records_per_s']:,.0f} rec/s, {cap['cpu_us_per_record']:.0f} µs CPU/rec); "
+                f"send→detected p50 / p99 {d.get('p50_ms', 0):.0f} / {d.get('p99_ms', 0):.0f} ms",
+            )
+        )
+    return out
