@@ -47,7 +47,7 @@ def build_events(
     top_i = result.top_index[where].tolist()
     top_c = result.top_contribution[where].tolist()
     top_e = result.top_expected[where].tolist()
-    values = decoded.rows[selected].tolist()
+    top_v = np.take_along_axis(decoded.rows[selected], result.top_index[where], axis=1).tolist()
     out = []
     for j in range(len(scores)):
         rec = decoded.records[rec_idx[j]]
@@ -63,7 +63,6 @@ def build_events(
         if row >= 0:
             source["row"] = row
             event_id += f"-{row}"
-        vals = values[j]
         event = {
             "schema_version": SCHEMA_VERSION,
             "event_id": event_id,
@@ -73,8 +72,8 @@ def build_events(
             "p_value": p_values[j],
             "is_anomaly": flags[j],
             "top_features": [
-                {"name": names[f], "value": vals[f], "expected": e, "contribution": c}
-                for f, e, c in zip(top_i[j], top_e[j], top_c[j], strict=True)
+                {"name": names[f], "value": v, "expected": e, "contribution": c}
+                for f, v, e, c in zip(top_i[j], top_v[j], top_e[j], top_c[j], strict=True)
             ],
             "model": model,
             "source": source,

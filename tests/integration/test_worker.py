@@ -114,7 +114,9 @@ def test_json_and_binary_records_each_get_one_valid_event(
     assert spiked_ids and all(by_id[i]["is_anomaly"] for i in spiked_ids)
     for i in spikes:
         if f"r{i}" in by_id:
-            assert by_id[f"r{i}"]["top_features"][0]["name"] == FEATURES[i % DIM]
+            top = by_id[f"r{i}"]["top_features"][0]
+            assert top["name"] == FEATURES[i % DIM]
+            assert top["value"] == pytest.approx(float(rows[i, i % DIM]), rel=1e-6)
     assert len(flagged) < len(spikes) + 0.05 * n  # and normal traffic is mostly quiet
     # committed offsets cover every record
     committed = committed_offsets(broker.bootstrap, topics["group"], topics["input"])
