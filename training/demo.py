@@ -370,6 +370,9 @@ def main(argv: list[str] | None = None) -> int:
     from worker.logs import configure_logging
 
     configure_logging(level="WARNING")
+    import logging
+
+    logging.getLogger("kafka").setLevel(logging.ERROR)  # the client's event-loop timing notes
     import torch
 
     torch.set_num_threads(
