@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(settings_error_line(e, "WORKER_"))
     if argv == ["--check"]:
         return check(settings)
-    configure_logging()
+    configure_logging(settings.log_level)
     return run(settings)
 
 

@@ -103,6 +103,7 @@ class WorkerSettings(BaseSettings):
     # (any codec) is read transparently.
     compression: Literal["none", "gzip", "lz4", "zstd"] = "none"
     emit: Emit = "anomalies"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     metrics_port: int = Field(default=9100, ge=0, le=65535)
     metrics_host: str = "0.0.0.0"
     max_record_bytes: int = Field(default=1_048_576, ge=16)

@@ -106,6 +106,7 @@ def worker_env(bootstrap: str, topics: dict, model_dir: Path, **extra) -> dict:
         WORKER_SESSION_TIMEOUT_MS="6000",
         WORKER_HEARTBEAT_INTERVAL_MS="1000",
         WORKER_RELOAD_POLL_S="0.2",
+        WORKER_LOG_LEVEL="DEBUG",  # per-batch offsets in the log, for diagnosing a failure
         PYTHONUNBUFFERED="1",
     )
     env.update({k: str(v) for k, v in extra.items()})
