@@ -442,6 +442,7 @@ def _outage(proxy: TcpProxy, port: int, mode: str, seconds: float) -> dict:
     not_ready = [body for code, body in statuses if code == 503]
     return {
         "mode": mode,
+        "seconds": seconds,
         "not_ready_polls": len(not_ready),
         "polls": len(statuses),
         "reasons": sorted(set(not_ready)),
@@ -502,7 +503,7 @@ def test_connections_dropped_or_stalled_worker_recovers_and_readyz_reports_it(
     for o in outages:
         record_row(
             request,
-            fault=f"proxy {o['mode']} {dict(size.faults)[o['mode']]:.0f}s",
+            fault=f"proxy {o['mode']} {o['seconds']:.0f}s",
             records=len(expected),
             faults=1,
             lost=lost,
