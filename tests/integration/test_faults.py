@@ -934,7 +934,7 @@ def test_soak_steady_stream_with_reloads_does_not_leak(
         ),
         log,
     )
-    stream = Stream(broker.bootstrap, topics["input"], rate=500)
+    stream = Stream(broker.bootstrap, topics["input"], rate=300)
     stream.start()
     try:
         wait_for(lambda: committed_total(broker.bootstrap, topics) > 0, 120, 0.5, tail(log))
@@ -949,7 +949,7 @@ def test_soak_steady_stream_with_reloads_does_not_leak(
             samples.append({**_proc_stats(proc.pid), "elapsed": time.monotonic() - t0})
             time.sleep(2)
         expected = stream.finish()
-        n_input = wait_all_committed(broker.bootstrap, topics)
+        n_input = wait_all_committed(broker.bootstrap, topics, timeout_s=600)
         assert stop_worker(proc) == 0, tail(log)
     finally:
         if proc.poll() is None:
