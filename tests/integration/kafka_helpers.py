@@ -78,6 +78,31 @@ def read_topic(
         c.close()
 
 
+def broker_hides_aborted(bootstrap: str) -> bool:
+    """Whether read_committed consumers of this broker skip aborted transactions'
+    records. Apache Kafka does; Tansu 0.6 does not (docs/reliability.md)."""
+    topic = unique("aborted-probe")
+    create_topics(bootstrap, [topic], partitions=1)
+    p = KafkaProducer(
+        bootstrap_servers=bootstrap, transactional_id=unique("probe"), enable_idempotence=True
+    )
+    try:
+        p.init_transactions()
+        p.begin_transaction()
+        p.send(topic, b"aborted")
+        p.flush()
+        p.abort_transaction()
+        p.begin_transaction()
+        p.send(topic, b"committed")
+        p.commit_transaction()
+    finally:
+        p.close()
+    seen = [
+        r.value for r in read_topic(bootstrap, topic, expect=1, isolation_level="read_committed")
+    ]
+    return seen == [b"committed"]
+
+
 def events_of(records: list) -> list[dict]:
     return [orjson.loads(r.value) for r in records]
 
