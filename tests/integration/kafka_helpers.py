@@ -16,6 +16,8 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic
 from kafka.structs import TopicPartition
 
+from worker.settings import KafkaSettings, WorkerSettings
+
 ROOT = Path(__file__).resolve().parents[2]
 FAST_GROUP = dict(session_timeout_ms=6000, heartbeat_interval_ms=1000)
 
@@ -116,6 +118,24 @@ def committed_offsets(bootstrap: str, group: str, topic: str) -> dict[int, int]:
     return {
         tp.partition: om.offset for tp, om in offs.items() if tp.topic == topic and om.offset >= 0
     }
+
+
+def worker_settings(bootstrap: str, topics: dict, model_dir: Path, **kw) -> WorkerSettings:
+    """Settings for an in-process worker on the test topics; `kw` overrides."""
+    base = dict(
+        kafka=KafkaSettings(bootstrap_servers=bootstrap),
+        input_topic=topics["input"],
+        output_topic=topics["output"],
+        dlq_topic=topics["dlq"],
+        group_id=topics["group"],
+        model_dir=model_dir,
+        metrics_port=0,
+        session_timeout_ms=6000,
+        heartbeat_interval_ms=1000,
+        reload_poll_s=0.2,
+        wait_for_model_s=10,
+    )
+    return WorkerSettings(**{**base, **kw})
 
 
 def worker_env(bootstrap: str, topics: dict, model_dir: Path, **extra) -> dict:

@@ -32,12 +32,13 @@ import orjson
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
-from kafka import KafkaConsumer, KafkaProducer
+from kafka import KafkaConsumer
 from kafka.structs import TopicPartition
 from safetensors.torch import save as st_save
 
 from tests.integration.conftest import DIM, FEATURES, normal_rows
 from tests.integration.kafka_helpers import (
+    broker_hides_aborted,
     committed_offsets,
     create_topics,
     events_of,
@@ -47,6 +48,7 @@ from tests.integration.kafka_helpers import (
     stop_worker,
     unique,
     worker_env,
+    worker_settings,
 )
 from tests.integration.tcp_proxy import TcpProxy
 from worker import codec
@@ -54,7 +56,7 @@ from worker.broker import EmbeddedBroker, free_port
 from worker.checkpoint import LATEST_FILE, MANIFEST_FILE, WEIGHTS_FILE, publish, sha256_bytes
 from worker.model import CAEConfig, ContractiveAutoencoder
 from worker.service import Worker
-from worker.settings import KafkaSettings, WorkerSettings
+from worker.settings import WorkerSettings
 
 SEED = int(os.environ.get("CAE_FAULT_SEED", "20261127"))
 
@@ -245,22 +247,7 @@ def loss_and_duplicates(events: list[dict], expected_ids: set[str]) -> tuple[int
 
 
 def settings_for(bootstrap, topics, model_dir, **kw) -> WorkerSettings:
-    base = dict(
-        kafka=KafkaSettings(bootstrap_servers=bootstrap),
-        input_topic=topics["input"],
-        output_topic=topics["output"],
-        dlq_topic=topics["dlq"],
-        group_id=topics["group"],
-        model_dir=model_dir,
-        metrics_port=0,
-        session_timeout_ms=6000,
-        heartbeat_interval_ms=1000,
-        reload_poll_s=0.2,
-        wait_for_model_s=10,
-        emit="all",
-    )
-    base.update(kw)
-    return WorkerSettings(**base)
+    return worker_settings(bootstrap, topics, model_dir, **{"emit": "all", **kw})
 
 
 def new_topics(bootstrap: str, partitions: int = 3) -> dict:
@@ -283,28 +270,7 @@ def hides_aborted(broker) -> bool:
     the worker's part of exactly-once (outputs and offsets in one transaction, the
     fenced transaction's offsets discarded) is still checked: nothing is lost, and every
     duplicate belongs to one batch cut off by a kill."""
-    t = unique("aborted-probe")
-    create_topics(broker.bootstrap, [t], partitions=1)
-    p = KafkaProducer(
-        bootstrap_servers=broker.bootstrap,
-        transactional_id=unique("probe"),
-        enable_idempotence=True,
-    )
-    try:
-        p.init_transactions()
-        p.begin_transaction()
-        p.send(t, b"aborted")
-        p.flush()
-        p.abort_transaction()
-        p.begin_transaction()
-        p.send(t, b"committed")
-        p.commit_transaction()
-    finally:
-        p.close()
-    seen = [
-        r.value for r in read_topic(broker.bootstrap, t, expect=1, isolation_level="read_committed")
-    ]
-    return b"aborted" not in seen
+    return broker_hides_aborted(broker.bootstrap)
 
 
 def assert_exactly_once(events, n_input, hides_aborted: bool, kills: int, batch: int) -> None:

@@ -23,29 +23,16 @@ from tests.integration.kafka_helpers import (
     start_worker,
     stop_worker,
     worker_env,
+    worker_settings,
 )
 from worker import codec
 from worker.checkpoint import LATEST_FILE, WEIGHTS_FILE, publish
 from worker.service import Worker
-from worker.settings import KafkaSettings, WorkerSettings
+from worker.settings import WorkerSettings
 
 
 def settings_for(broker, topics, model_dir, **kw) -> WorkerSettings:
-    base = dict(
-        kafka=KafkaSettings(bootstrap_servers=broker.bootstrap),
-        input_topic=topics["input"],
-        output_topic=topics["output"],
-        dlq_topic=topics["dlq"],
-        group_id=topics["group"],
-        model_dir=model_dir,
-        metrics_port=0,
-        session_timeout_ms=6000,
-        heartbeat_interval_ms=1000,
-        reload_poll_s=0.2,
-        wait_for_model_s=10,
-    )
-    base.update(kw)
-    return WorkerSettings(**base)
+    return worker_settings(broker.bootstrap, topics, model_dir, **kw)
 
 
 def produce_mixed(bootstrap, topic, n, seed=0, spike_every=50):
