@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 
 import structlog
 
@@ -26,7 +27,41 @@ def configure_logging(level: str = "INFO", json: bool | None = None) -> None:
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
-    # kafka-python logs through the standard library; keep its warnings, in our stream.
+    # kafka-python logs through the standard library; keep its warnings, in our stream,
+    # but at most one line per message per interval: a broker outage makes it repeat
+    # the same connection error thousands of times a minute.
     logging.basicConfig(
         level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
     )
+    for handler in logging.getLogger().handlers:  # handler filters see child loggers' records
+        if not any(isinstance(f, RepeatFilter) for f in handler.filters):
+            handler.addFilter(RepeatFilter())
+
+
+class RepeatFilter(logging.Filter):
+    """Passes a record unless the same message template passed within `interval_s`;
+    the next one that passes says how many were held back."""
+
+    def __init__(self, interval_s: float = 10.0, clock=time.monotonic):
+        super().__init__()
+        self.interval_s = interval_s
+        self.clock = clock
+        self._last: dict[tuple[str, object], float] = {}
+        self._held: dict[tuple[str, object], int] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith("kafka"):
+            return True
+        key = (record.name, record.msg)
+        now = self.clock()
+        last = self._last.get(key)
+        if last is not None and now - last < self.interval_s:
+            self._held[key] = self._held.get(key, 0) + 1
+            return False
+        self._last[key] = now
+        held = self._held.pop(key, 0)
+        if held:
+            record.msg = (
+                f"{record.msg} [{held} similar lines held back in the last {self.interval_s:.0f}s]"
+            )
+        return True
