@@ -31,6 +31,7 @@ from worker.settings import WorkerSettings
 log = structlog.get_logger("worker")
 
 IDLE_POLL_S = 0.2
+POLL_RETRY_S = 0.5
 
 
 class PublishError(Exception):
@@ -275,7 +276,17 @@ class Worker:
             if room <= 0:  # a bounded run holds all it may take: let the batch come due
                 self._stop.wait(wait_s)
                 continue
-            polled = self.consumer.poll(timeout_ms=int(wait_s * 1000), max_records=room)
+            try:
+                polled = self.consumer.poll(timeout_ms=int(wait_s * 1000), max_records=room)
+            except KafkaError as e:
+                # kafka-python can surface a connection lost mid-request from poll();
+                # its state is intact and nothing was committed: wait, then poll again.
+                self.metrics.set_ready(False, f"broker error: {type(e).__name__}")
+                log.warning(
+                    "poll_failed", error=str(e) or type(e).__name__, retry_in_s=POLL_RETRY_S
+                )
+                self._stop.wait(POLL_RETRY_S)
+                continue
             self._update_readiness()
             if polled:
                 self._last_records_at = time.monotonic()

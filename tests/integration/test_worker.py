@@ -10,7 +10,7 @@ from collections import Counter
 import numpy as np
 import orjson
 import pytest
-from kafka.errors import KafkaError
+from kafka.errors import KafkaConnectionError, KafkaError
 from kafka.future import Future
 
 from tests.integration.conftest import DIM, FEATURES, normal_rows
@@ -425,3 +425,29 @@ def test_multi_row_records_get_one_event_per_row(broker, topics, model_dir, vali
     }
     flagged = [e for e in events if e["is_anomaly"]]
     assert any(e["source"]["offset"] == 1 and e["source"]["row"] == 6 for e in flagged)
+
+
+def test_a_poll_that_raises_a_connection_error_is_retried(broker, topics, model_dir):
+    n = 200
+    _produce_stream(broker.bootstrap, topics["input"], n)
+    worker = Worker(settings_for(broker, topics, model_dir, emit="all", max_records=n))
+    raised = []
+    real_connect = worker._connect
+
+    def connect_then_break_one_poll():
+        real_connect()
+        real_poll = worker.consumer.poll
+
+        def poll(*a, **kw):
+            if len(raised) < 2:
+                raised.append(1)
+                raise KafkaConnectionError("injected: socket disconnected")
+            return real_poll(*a, **kw)
+
+        worker.consumer.poll = poll
+
+    worker._connect = connect_then_break_one_poll
+    summary = worker.run()
+    assert len(raised) == 2 and summary.records == n
+    events = events_of(read_topic(broker.bootstrap, topics["output"], expect=n))
+    assert {e["id"] for e in events} == {f"x{i}" for i in range(n)}
