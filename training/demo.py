@@ -375,10 +375,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("kafka").setLevel(logging.ERROR)  # the client's event-loop timing notes
     import torch
 
-    torch.set_num_threads(
-        1
-    )  # small models train fastest on one thread; the worker gets the other core
+    # Small models train fastest on one thread; the worker gets the other core.
+    torch.set_num_threads(1)
+    # SIGTERM (a killed `make demo`, a CI timeout) cleans up like Ctrl-C: the broker and
+    # the worker run in their own sessions and would otherwise outlive us.
+    signal.signal(signal.SIGTERM, _interrupt)
     return run(args)
+
+
+def _interrupt(*_args) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":
