@@ -36,6 +36,20 @@ def configure_logging(level: str = "INFO", json: bool | None = None) -> None:
     for handler in logging.getLogger().handlers:  # handler filters see child loggers' records
         if not any(isinstance(f, RepeatFilter) for f in handler.filters):
             handler.addFilter(RepeatFilter())
+            handler.addFilter(fold_traceback)
+
+
+def fold_traceback(record: logging.LogRecord) -> bool:
+    """kafka-python logs, with a traceback, errors it handles itself (a socket closed
+    under a read while the client shuts down, a reset connection it will redial).
+    The traceback is not actionable for an operator: keep one line with the error."""
+    if record.name.startswith("kafka") and record.exc_info and record.exc_info[1]:
+        exc = record.exc_info[1]
+        record.msg = f"{record.getMessage()} ({type(exc).__name__}: {exc})"
+        record.args = ()
+        record.exc_info = None
+        record.exc_text = None
+    return True
 
 
 class RepeatFilter(logging.Filter):

@@ -62,6 +62,7 @@ class _FlushOnRevoke(ConsumerRebalanceListener):
         self.worker.flush(reason="revoked")
 
     def on_partitions_assigned(self, assigned):
+        self.worker._last_records_at = time.monotonic()  # idle counts from the assignment
         log.info(
             "partitions_assigned",
             partitions=sorted(f"{tp.topic}-{tp.partition}" for tp in assigned),
@@ -251,6 +252,11 @@ class Worker:
         if s.max_records is not None and self.summary.records >= s.max_records:
             return True
         if s.idle_timeout_s is not None and not len(self.batcher):
+            # Idle means partitions held and nothing arriving: a worker still joining its
+            # group (a restart waits out the dead member's session) is not idle.
+            if self.consumer is None or not self.consumer.assignment():
+                self._last_records_at = time.monotonic()
+                return False
             return time.monotonic() - self._last_records_at >= s.idle_timeout_s
         return False
 

@@ -113,7 +113,8 @@ class WorkerSettings(BaseSettings):
     session_timeout_ms: int = Field(default=10_000, ge=1000)
     heartbeat_interval_ms: int = Field(default=2_000, ge=100)
     transactional_id: str | None = None
-    # Bounded runs (tests, backfills): stop after this many records / this long idle.
+    # Bounded runs (tests, backfills): stop after this many records / this long idle
+    # (idle = partitions assigned and no records; the clock restarts on each assignment).
     max_records: int | None = Field(default=None, ge=1)
     idle_timeout_s: float | None = Field(default=None, gt=0)
 

@@ -286,7 +286,7 @@ def test_kill_9_mid_stream_then_restart_loses_nothing(
     )
     assert 0 < done_before < n, "the kill should land mid-stream"
 
-    proc = start_worker({**env, "WORKER_IDLE_TIMEOUT_S": "5"}, tmp_path / "w2.log")
+    proc = start_worker({**env, "WORKER_IDLE_TIMEOUT_S": "8"}, tmp_path / "w2.log")
     assert proc.wait(timeout=120) == 0, (tmp_path / "w2.log").read_text()[-3000:]
     assert sum(committed_offsets(broker.bootstrap, topics["group"], topics["input"]).values()) == n
 

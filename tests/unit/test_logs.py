@@ -1,6 +1,8 @@
+import io
 import logging
+import sys
 
-from worker.logs import RepeatFilter
+from worker.logs import RepeatFilter, fold_traceback
 
 
 def record(msg, *args):
@@ -20,3 +22,32 @@ def test_repeated_messages_pass_once_per_interval_and_report_what_was_held():
     assert "2 similar lines held back" in r.getMessage() and r.getMessage().startswith(
         "Connection lost: d"
     )
+
+
+def test_kafka_tracebacks_fold_into_one_line_with_the_error():
+    try:
+        None.recv(4096)
+    except AttributeError:
+        r = logging.LogRecord(
+            "kafka.net.transport", logging.ERROR, __file__, 1, "%s: Error receiving", ("conn",),
+            sys.exc_info(),
+        )
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.addFilter(fold_traceback)
+    handler.handle(r)
+    text = out.getvalue()
+    assert "Traceback" not in text and text.count("\n") == 1
+    assert "conn: Error receiving (AttributeError:" in text and "recv" in text
+
+
+def test_our_own_tracebacks_are_kept():
+    try:
+        raise ValueError("ours")
+    except ValueError:
+        r = logging.LogRecord("worker", logging.ERROR, __file__, 1, "boom", (), sys.exc_info())
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.addFilter(fold_traceback)
+    handler.handle(r)
+    assert "Traceback" in out.getvalue()
