@@ -29,7 +29,12 @@ def test_kafka_tracebacks_fold_into_one_line_with_the_error():
         None.recv(4096)
     except AttributeError:
         r = logging.LogRecord(
-            "kafka.net.transport", logging.ERROR, __file__, 1, "%s: Error receiving", ("conn",),
+            "kafka.net.transport",
+            logging.ERROR,
+            __file__,
+            1,
+            "%s: Error receiving",
+            ("conn",),
             sys.exc_info(),
         )
     out = io.StringIO()
