@@ -35,7 +35,7 @@ def create_topics(bootstrap: str, names: list[str], partitions: int = 3) -> None
 
 
 def producer(bootstrap: str, **kw) -> KafkaProducer:
-    return KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5, **kw)
+    return KafkaProducer(bootstrap_servers=bootstrap, **{"acks": "all", "linger_ms": 5, **kw})
 
 
 def read_topic(

@@ -180,8 +180,11 @@ class Stream(threading.Thread):
     `limit`). `acked` holds the indices the broker acknowledged: the records that
     must each get a decision."""
 
-    def __init__(self, bootstrap: str, topic: str, rate: float, tag: str = "x", limit=None):
+    def __init__(
+        self, bootstrap: str, topic: str, rate: float, tag: str = "x", limit=None, linger_ms=5
+    ):
         super().__init__(daemon=True)
+        self.linger_ms = linger_ms
         self.bootstrap, self.topic, self.rate, self.tag, self.limit = (
             bootstrap,
             topic,
@@ -202,7 +205,12 @@ class Stream(threading.Thread):
         return cb
 
     def run(self) -> None:
-        p = producer(self.bootstrap, retries=2**31 - 1, request_timeout_ms=15_000)
+        p = producer(
+            self.bootstrap,
+            retries=2**31 - 1,
+            request_timeout_ms=15_000,
+            linger_ms=self.linger_ms,
+        )
         rows = normal_rows(2000, seed=5)
         start = time.monotonic()
         i = 0
@@ -481,11 +489,9 @@ def test_connections_dropped_or_stalled_worker_recovers_and_readyz_reports_it(
     assert lost == 0, f"{lost} records without a decision"
     for o in outages:
         assert o["not_ready_polls"] > 0, f"/readyz never reported the {o['mode']}: {o}"
-    # kafka-python logs some of its own connection errors with a traceback; none may
-    # come from the worker's code
-    assert "/worker/" not in "".join(
-        ln for ln in log.read_text().splitlines(keepends=True) if ln.startswith("  File ")
-    )
+    # kafka-python's own handled errors are folded into one line each (worker/logs.py);
+    # an outage leaves no traceback at all
+    assert "Traceback" not in log.read_text(), tail(log)
     assert drain_s < 120
 
 
@@ -900,7 +906,9 @@ def test_soak_steady_stream_with_reloads_does_not_leak(
         ),
         log,
     )
-    stream = Stream(broker.bootstrap, topics["input"], rate=300)
+    # Batched on the producer side as a real high-rate producer would: the embedded
+    # broker's memory storage slows to a stall after ~10^5 one-record batches.
+    stream = Stream(broker.bootstrap, topics["input"], rate=300, linger_ms=100)
     stream.start()
     try:
         wait_for(lambda: committed_total(broker.bootstrap, topics) > 0, 120, 0.5, tail(log))
