@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not soak" tests
+	$(PY) -m pytest -q -m "not soak" --durations=12 tests
 
 soak: $(STAMP)
 	$(PY) -m pytest -q -m soak tests
