@@ -373,7 +373,11 @@ def test_repeated_kill_9_at_random_moments_loses_nothing(
             duplicates=dups,
             recovery_s=round(recovery_s, 1),
             wall_s=round(time.monotonic() - t_start, 1),
-            **({"aborted_visible": "yes (Tansu)"} if not hides_aborted else {}),
+            **(
+                {"aborted_visible": "yes (Tansu)"}
+                if delivery == "exactly-once" and not hides_aborted
+                else {}
+            ),
         )
         assert lost == 0, f"{lost} records without a decision"
         if delivery == "exactly-once":
