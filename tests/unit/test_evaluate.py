@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from training import autotune, eval_datasets
+from training.eval_report import paired_differences
 from training.evaluate import run_evaluation, split_inliers, write_outputs
 from training.fit import TrainConfig
 
@@ -58,6 +59,19 @@ def test_harness_writes_json_table_and_plot(tiny_run, tmp_path):
     )
     assert "| wine | " in md and "ROC-AUC" in md
     assert (tmp_path / "eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_paired_differences_pair_by_seed():
+    runs = [
+        {"dataset": "d", "seed": s, "method": m, "roc_auc": v}
+        for s, (cae, ae) in enumerate([(0.90, 0.80), (0.70, 0.72), (0.95, 0.95)])
+        for m, v in (("cae", cae), ("ae", ae))
+    ]
+    d = paired_differences(runs, ["d"], "cae", "ae")["d"]
+    diffs = np.array([0.10, -0.02, 0.0])
+    assert d["mean"] == pytest.approx(diffs.mean())
+    assert d["se"] == pytest.approx(diffs.std(ddof=1) / math.sqrt(3))
+    assert (d["wins"], d["n"]) == (2, 3)
 
 
 def _normal_rows(n: int, seed: int) -> np.ndarray:
