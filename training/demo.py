@@ -16,12 +16,14 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import orjson
 from kafka import KafkaConsumer, KafkaProducer
+from kafka.structs import TopicPartition
 
 from training.fit import TrainConfig, fit
 from training.synthetic import KINDS, SENSORS, SensorStream
@@ -64,14 +66,19 @@ def _consume(
     stop: threading.Event,
     alerts_to_print: int,
 ):
+    # Assigned, not a group member: reading starts at once instead of after a group
+    # join, which would add seconds to the first events' measured latency.
     consumer = KafkaConsumer(
-        TOPICS["output"],
         bootstrap_servers=bootstrap,
-        group_id="demo-alerts",
         auto_offset_reset="earliest",
-        session_timeout_ms=6000,
+        enable_auto_commit=False,
         fetch_max_wait_ms=20,
-        heartbeat_interval_ms=1000,
+    )
+    consumer.assign(
+        [
+            TopicPartition(TOPICS["output"], p)
+            for p in consumer.partitions_for_topic(TOPICS["output"])
+        ]
     )
     printed = 0
     header = f"{'time':8} {'record':>7} {'score':>7} {'p-value':>8}  {'top feature (value vs expected)':40} {'model':8} truth"
@@ -219,6 +226,7 @@ def run(args) -> int:
             SENSORS,
             _train_config(args.seed + 1),
         )
+        _wait_for_partitions(metrics_port, worker)
         x, labels, kinds, episodes = stream.mixed(args.records)
         seen = Seen()
         consumer = threading.Thread(
@@ -293,6 +301,21 @@ def run(args) -> int:
                 worker.kill()
                 worker.wait()
         broker.stop()
+
+
+def _wait_for_partitions(port: int, worker: subprocess.Popen, timeout_s: float = 60) -> None:
+    """Until the worker holds its input partitions (its `cae_assigned_partitions` gauge),
+    so that the latency figures measure scoring, not the group join."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and worker.poll() is None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+                for line in r.read().decode().splitlines():
+                    if line.startswith("cae_assigned_partitions ") and float(line.split()[1]) > 0:
+                        return
+        except OSError:
+            pass  # not listening yet
+        time.sleep(0.2)
 
 
 def _summarise(

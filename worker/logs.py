@@ -40,10 +40,16 @@ def configure_logging(level: str = "INFO", json: bool | None = None) -> None:
 
 
 def fold_traceback(record: logging.LogRecord) -> bool:
-    """kafka-python logs, with a traceback, errors it handles itself (a socket closed
-    under a read while the client shuts down, a reset connection it will redial).
-    The traceback is not actionable for an operator: keep one line with the error."""
-    if record.name.startswith("kafka") and record.exc_info and record.exc_info[1]:
+    """kafka-python logs, with a traceback, errors it handles itself (a reset
+    connection it will redial). The traceback is not actionable for an operator: keep
+    one line with the error. An error reported by a transport that is already closed
+    is the client's own shutdown race (a read still running on a socket it closed):
+    nothing is lost or retried there, so it is not shown at all."""
+    if not record.name.startswith("kafka"):
+        return True
+    if record.exc_info and "(closed)>" in record.getMessage():
+        return False
+    if record.exc_info and record.exc_info[1]:
         exc = record.exc_info[1]
         record.msg = f"{record.getMessage()} ({type(exc).__name__}: {exc})"
         record.args = ()

@@ -67,6 +67,9 @@ class WorkerMetrics:
         self.ready = Gauge(
             "cae_ready", "1 when the worker can score and reach the broker", registry=r
         )
+        self.assigned_partitions = Gauge(
+            "cae_assigned_partitions", "Input partitions this worker holds", registry=r
+        )
         self.last_loop = time.monotonic()
         self.is_ready = False
         self.not_ready_reason = "starting"

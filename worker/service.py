@@ -58,11 +58,18 @@ class _FlushOnRevoke(ConsumerRebalanceListener):
     def __init__(self, worker: Worker):
         self.worker = worker
 
+    def _count_held(self, minus=()) -> None:
+        consumer = self.worker.consumer
+        held = set(consumer.assignment()) - set(minus) if consumer is not None else set()
+        self.worker.metrics.assigned_partitions.set(len(held))
+
     def on_partitions_revoked(self, revoked):
         self.worker.flush(reason="revoked")
+        self._count_held(minus=revoked)
 
     def on_partitions_assigned(self, assigned):
         self.worker._last_records_at = time.monotonic()  # idle counts from the assignment
+        self._count_held()
         log.info(
             "partitions_assigned",
             partitions=sorted(f"{tp.topic}-{tp.partition}" for tp in assigned),

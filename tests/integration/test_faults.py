@@ -21,8 +21,6 @@ import re
 import signal
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +40,7 @@ from tests.integration.kafka_helpers import (
     committed_offsets,
     create_topics,
     events_of,
+    http_get,
     producer,
     read_topic,
     start_worker,
@@ -148,16 +147,6 @@ def wait_all_committed(bootstrap, topics, timeout_s: float = 180) -> int:
     wait_for(caught_up, timeout_s, 0.5, "all input records committed")
     time.sleep(1.0)
     return wait_for(caught_up, timeout_s, 0.5, "all input records committed")
-
-
-def http_get(port: int, path: str) -> tuple[int | None, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=3) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
-    except OSError as e:
-        return None, str(e)
 
 
 def log_events(path: Path) -> list[dict]:

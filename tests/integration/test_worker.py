@@ -18,6 +18,7 @@ from tests.integration.kafka_helpers import (
     broker_hides_aborted,
     committed_offsets,
     events_of,
+    metric,
     producer,
     read_topic,
     start_worker,
@@ -26,6 +27,7 @@ from tests.integration.kafka_helpers import (
     worker_settings,
 )
 from worker import codec
+from worker.broker import free_port
 from worker.checkpoint import LATEST_FILE, WEIGHTS_FILE, publish
 from worker.service import Worker
 from worker.settings import WorkerSettings
@@ -329,8 +331,20 @@ def test_two_workers_split_partitions_and_score_everything(broker, topics, model
     env = worker_env(
         broker.bootstrap, topics, model_dir, WORKER_EMIT="all", WORKER_IDLE_TIMEOUT_S="8"
     )
-    procs = [start_worker(env, tmp_path / f"w{i}.log") for i in range(2)]
-    time.sleep(3)  # both join the group before the stream starts
+    ports = [free_port(), free_port()]
+    procs = [
+        start_worker({**env, "WORKER_METRICS_PORT": str(port)}, tmp_path / f"w{i}.log")
+        for i, port in enumerate(ports)
+    ]
+    # both hold partitions (the gauge each one exports) before the stream starts
+    deadline = time.monotonic() + 60
+    held = [None, None]
+    while time.monotonic() < deadline:
+        held = [metric(port, "cae_assigned_partitions") for port in ports]
+        if all(h for h in held) and sum(held) == 3:
+            break
+        time.sleep(0.2)
+    assert all(h for h in held) and sum(held) == 3, f"partitions held: {held}"
     _produce_stream(broker.bootstrap, topics["input"], n, rate_per_s=2000)
     for i, proc in enumerate(procs):
         assert proc.wait(timeout=120) == 0, (tmp_path / f"w{i}.log").read_text()[-3000:]

@@ -56,3 +56,34 @@ def test_our_own_tracebacks_are_kept():
     handler.addFilter(fold_traceback)
     handler.handle(r)
     assert "Traceback" in out.getvalue()
+
+
+def test_errors_of_an_already_closed_kafka_transport_are_not_shown():
+    class Transport:
+        def __str__(self):
+            return "<KafkaTCPTransport [none] (closed)>"
+
+    try:
+        None.recv(4096)
+    except AttributeError:
+        info = sys.exc_info()
+    closed = logging.LogRecord(
+        "kafka.net.transport",
+        logging.ERROR,
+        __file__,
+        1,
+        "%s: Error receiving",
+        (Transport(),),
+        info,
+    )
+    open_ = logging.LogRecord(
+        "kafka.net.transport",
+        logging.ERROR,
+        __file__,
+        1,
+        "%s: Error receiving",
+        ("<T [b:9092]>",),
+        info,
+    )
+    assert fold_traceback(closed) is False
+    assert fold_traceback(open_) is True
