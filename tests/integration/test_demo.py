@@ -4,16 +4,37 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
+import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def _env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WORKER_", "KAFKA_"))}
+    return {**env, "PYTHONUNBUFFERED": "1", **extra}
+
+
+def _processes_with(marker: str) -> list[int]:
+    """Pids whose environment carries `marker` (every process the demo started inherits it)."""
+    found = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and int(d.name) != os.getpid():
+            try:
+                if marker.encode() in (d / "environ").read_bytes():
+                    found.append(int(d.name))
+            except OSError:
+                continue  # gone, or not ours to read
+    return found
+
+
 def test_demo_scores_every_record_reloads_and_reports(tmp_path):
     out = tmp_path / "demo-out"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("WORKER_", "KAFKA_"))}
+    env = _env()
     r = subprocess.run(
         [
             sys.executable,
@@ -46,3 +67,38 @@ def test_demo_scores_every_record_reloads_and_reports(tmp_path):
     assert (out / "timeline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Traceback" not in r.stdout + r.stderr
     assert "precision / recall / F1" in r.stdout
+
+
+def test_ctrl_c_mid_stream_stops_everything_the_demo_started(tmp_path):
+    marker = f"CAE_DEMO_TEST={uuid.uuid4().hex}"
+    key, value = marker.split("=")
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "training.demo", "--records", "100000", "--rate", "500"]
+        + ["--train-rows", "3000", "--out", str(tmp_path / "out")],
+        cwd=ROOT,
+        env=_env(**{key: value}),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        lines = []
+        for line in demo.stdout:  # until the broker, the worker and the stream all run
+            lines.append(line)
+            if "▶ streaming" in line:
+                break
+        assert any("worker started" in ln for ln in lines), "".join(lines)
+        assert len(_processes_with(marker)) >= 3, "demo, broker and worker should be running"
+        time.sleep(2)
+        demo.send_signal(signal.SIGINT)
+        rest = demo.communicate(timeout=90)[0]
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()
+    assert demo.returncode == 130, rest[-2000:]
+    assert "interrupted: stopping the worker and the broker" in rest
+    deadline = time.monotonic() + 10
+    while _processes_with(marker) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _processes_with(marker) == [], "processes left behind by the demo"
