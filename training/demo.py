@@ -27,7 +27,7 @@ from kafka.structs import TopicPartition
 
 from training.fit import TrainConfig, fit
 from training.synthetic import KINDS, SENSORS, SensorStream
-from worker.broker import EmbeddedBroker, free_port
+from worker.broker import EmbeddedBroker, free_port, stop_process
 from worker.checkpoint import publish
 from worker.codec import encode_json
 
@@ -293,13 +293,8 @@ def run(args) -> int:
         return 130
     finally:
         stop.set()
-        if worker is not None and worker.poll() is None:
-            worker.send_signal(signal.SIGTERM)
-            try:
-                worker.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-                worker.wait()
+        if worker is not None:
+            stop_process(worker, timeout_s=30)
         broker.stop()
 
 

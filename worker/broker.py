@@ -7,11 +7,24 @@ Memory storage: every start is empty.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
+
+
+def stop_process(proc: subprocess.Popen, timeout_s: float, sig: int = signal.SIGTERM) -> int:
+    """Ask a child process to stop with `sig`, give it `timeout_s`, then kill it.
+    Returns its exit status (at once if it had already exited)."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            return proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return proc.wait()
 
 
 def free_port() -> int:
@@ -92,14 +105,8 @@ class EmbeddedBroker:
 
     def stop(self) -> None:
         proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        if proc is not None:
+            stop_process(proc, timeout_s=10)
 
     @property
     def running(self) -> bool:

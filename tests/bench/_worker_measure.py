@@ -16,6 +16,7 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.structs import TopicPartition
 
 from tests.bench.common import REPO
+from worker.broker import stop_process
 
 SAMPLE_S = 0.05
 CLIENTS = [sys.executable, "-m", "tests.bench._worker_clients"]
@@ -350,13 +351,7 @@ def measure_latency(
         sent = json.loads(sender.communicate(timeout=60)[0].decode().strip().splitlines()[-1])
     finally:
         consumer.close()
-        if worker.poll() is None:
-            worker.send_signal(signal.SIGTERM)
-            try:
-                worker.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-                worker.wait()
+        stop_process(worker, timeout_s=30)
     arrival, sent_ms, detected = np.asarray(lat, dtype=np.float64).reshape(-1, 3).T
     summary = percentile_summary(arrival - sent_ms)
     split = {
