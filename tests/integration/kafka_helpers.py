@@ -200,12 +200,15 @@ def http_get(port: int, path: str) -> tuple[int | None, str]:
         return None, str(e)
 
 
-def metric(port: int, name: str) -> float | None:
-    """One unlabelled sample from a worker's /metrics, or None if it cannot be read."""
-    status, body = http_get(port, "/metrics")
-    if status != 200:
-        return None
-    for line in body.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    return None
+def metric_total(port: int, name: str, **labels: str) -> float:
+    """Sum of a metric's samples on a worker's /metrics over the label sets that include
+    `labels`. Raises OSError while nothing listens on the port."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=3) as r:
+        text = r.read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        sample, _, value = line.rpartition(" ")
+        metric, _, label_text = sample.partition("{")
+        if metric == name and all(f'{k}="{v}"' in label_text for k, v in labels.items()):
+            total += float(value)
+    return total

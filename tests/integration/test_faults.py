@@ -417,6 +417,16 @@ def _outage(proxy: TcpProxy, port: int, mode: str, seconds: float) -> dict:
     }
 
 
+def _start_with_metrics(broker, topics, model_dir, tmp_path):
+    """A worker (events for every record) serving /metrics, /healthz, /readyz on a free port."""
+    port = free_port()
+    log = tmp_path / "w.log"
+    env = worker_env(
+        broker.bootstrap, topics, model_dir, WORKER_EMIT="all", WORKER_METRICS_PORT=port
+    )
+    return start_worker(env, log), port, log
+
+
 @pytest.mark.parametrize(
     "size",
     sizes(
@@ -432,14 +442,7 @@ def test_connections_dropped_or_stalled_worker_recovers_and_readyz_reports_it(
     broker, proxy = proxied
     proxy.forward()
     topics = new_topics(broker.bootstrap)
-    port = free_port()
-    log = tmp_path / "w.log"
-    proc = start_worker(
-        worker_env(
-            broker.bootstrap, topics, model_dir, WORKER_EMIT="all", WORKER_METRICS_PORT=port
-        ),
-        log,
-    )
+    proc, port, log = _start_with_metrics(broker, topics, model_dir, tmp_path)
     try:
         wait_for(lambda: http_get(port, "/readyz")[0] == 200, 120, 0.5, "ready: " + tail(log))
         stream = Stream(broker.bootstrap, topics["input"], size.rate)
@@ -495,14 +498,7 @@ def test_worker_started_before_the_broker_is_reachable_waits_with_backoff(
     proxy.forward()
     topics = new_topics(broker.bootstrap)
     proxy.down()  # connection refused, as if the broker had not started yet
-    port = free_port()
-    log = tmp_path / "w.log"
-    proc = start_worker(
-        worker_env(
-            broker.bootstrap, topics, model_dir, WORKER_EMIT="all", WORKER_METRICS_PORT=port
-        ),
-        log,
-    )
+    proc, port, log = _start_with_metrics(broker, topics, model_dir, tmp_path)
     try:
 
         def retries():

@@ -18,7 +18,7 @@ from tests.integration.kafka_helpers import (
     broker_hides_aborted,
     committed_offsets,
     events_of,
-    metric,
+    metric_total,
     producer,
     read_topic,
     start_worker,
@@ -336,11 +336,18 @@ def test_two_workers_split_partitions_and_score_everything(broker, topics, model
         start_worker({**env, "WORKER_METRICS_PORT": str(port)}, tmp_path / f"w{i}.log")
         for i, port in enumerate(ports)
     ]
+
     # both hold partitions (the gauge each one exports) before the stream starts
+    def partitions_held() -> list[float]:
+        try:
+            return [metric_total(port, "cae_assigned_partitions") for port in ports]
+        except OSError:  # a metrics port not listening yet
+            return [0.0, 0.0]
+
     deadline = time.monotonic() + 60
-    held = [None, None]
+    held = [0.0, 0.0]
     while time.monotonic() < deadline:
-        held = [metric(port, "cae_assigned_partitions") for port in ports]
+        held = partitions_held()
         if all(h for h in held) and sum(held) == 3:
             break
         time.sleep(0.2)

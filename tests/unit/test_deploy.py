@@ -21,7 +21,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +30,7 @@ from compose_spec import PyCompose, parse_duration
 from pydantic import BaseModel
 from pydantic_settings import BaseSettings, CliApp
 
+from tests.integration.kafka_helpers import metric_total
 from training.settings import TrainerSettings
 from worker.settings import KafkaSettings, WorkerSettings
 
@@ -453,19 +453,6 @@ def _container_env(svc_env: dict[str, str]) -> dict[str, str]:
     return env
 
 
-def _metric_total(port: int, name: str, **labels: str) -> float:
-    """Sum of a metric's samples over the label sets that include `labels`."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=3) as r:
-        text = r.read().decode()
-    total = 0.0
-    for line in text.splitlines():
-        sample, _, value = line.rpartition(" ")
-        metric, _, label_text = sample.partition("{")
-        if metric == name and all(f'{k}="{v}"' in label_text for k, v in labels.items()):
-            total += float(value)
-    return total
-
-
 def _wait(predicate, timeout_s: float, what: str, proc: subprocess.Popen | None = None):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -536,14 +523,14 @@ def test_compose_worker_command_scores_and_drains_on_sigterm(compose, tmp_path):
             n = 300
             run_tool("producer", "--count", str(n), "--rate", "2000", "--anomaly-rate", "0.05")
             _wait(
-                lambda: _metric_total(port, "cae_records_total") >= n,
+                lambda: metric_total(port, "cae_records_total") >= n,
                 90,
                 f"{n} records scored",
                 proc,
             )
-            assert _metric_total(port, "cae_records_total") == n
-            assert _metric_total(port, "cae_records_total", outcome="rejected") == 0
-            assert _metric_total(port, "cae_events_published_total") >= 1, (
+            assert metric_total(port, "cae_records_total") == n
+            assert metric_total(port, "cae_records_total", outcome="rejected") == 0
+            assert metric_total(port, "cae_events_published_total") >= 1, (
                 "injected anomalies flagged"
             )
 
