@@ -45,13 +45,14 @@ def fold_traceback(record: logging.LogRecord) -> bool:
     one line with the error. An error reported by a transport that is already closed
     is the client's own shutdown race (a read still running on a socket it closed):
     nothing is lost or retried there, so it is not shown at all."""
-    if not record.name.startswith("kafka"):
+    if not record.name.startswith("kafka") or not record.exc_info:
         return True
-    if record.exc_info and "(closed)>" in record.getMessage():
+    message = record.getMessage()
+    if "(closed)>" in message:
         return False
-    if record.exc_info and record.exc_info[1]:
+    if record.exc_info[1]:
         exc = record.exc_info[1]
-        record.msg = f"{record.getMessage()} ({type(exc).__name__}: {exc})"
+        record.msg = f"{message} ({type(exc).__name__}: {exc})"
         record.args = ()
         record.exc_info = None
         record.exc_text = None

@@ -260,9 +260,9 @@ class Worker:
             return True
         if s.idle_timeout_s is not None and not len(self.batcher):
             # Idle means partitions held and nothing arriving: a worker still joining its
-            # group (a restart waits out the dead member's session) is not idle.
+            # group (a restart waits out the dead member's session) is not idle. The
+            # clock restarts at each assignment (_FlushOnRevoke.on_partitions_assigned).
             if self.consumer is None or not self.consumer.assignment():
-                self._last_records_at = time.monotonic()
                 return False
             return time.monotonic() - self._last_records_at >= s.idle_timeout_s
         return False
