@@ -71,32 +71,32 @@ def activation_second_derivative(
 
 
 class _OneLayerCode(torch.autograd.Function):
-    """(h, p) = (φ(a), mean over rows of Σ_j φ'(a_j)² Σ_i W_ji²), one autograd node.
+    """(h, p) = (φ(x Wᵀ + b), mean over rows of Σ_j φ'(a_j)² Σ_i W_ji²), one autograd node.
 
-    For a one-layer encoder, a = x Wᵀ + b. Replaces the activation's own node and
-    the ~9 small nodes of the penalty (at batch 256 a training step is per-op
-    overhead, not arithmetic). With d = φ'(a), s_j = Σ_i W_ji², c_j = mean_n d_nj²:
+    The whole one-layer encoder — its Linear, its activation and the ~9 small nodes
+    of the penalty — in one node: at batch 256 a training step is per-op overhead,
+    not arithmetic, and W's two gradients (through a, and the penalty's direct part)
+    are formed in one addmm instead of two nodes and an accumulation. With
+    a = x Wᵀ + b, d = φ'(a), s_j = Σ_i W_ji², c_j = mean_n d_nj²:
 
-        ∂L/∂a = d ⊙ ∂L/∂h + ∂L/∂p · (2/B) s ⊙ d ⊙ φ''(a)        ∂L/∂W ⊇ ∂L/∂p · 2 c ⊙ W
+        ∂L/∂a = d ⊙ ∂L/∂h + ∂L/∂p · (2/B) s ⊙ d ⊙ φ''(a)
+        ∂L/∂W = (∂L/∂a)ᵀ x + ∂L/∂p · 2 c ⊙ W        ∂L/∂b = Σ_n ∂L/∂a        ∂L/∂x = ∂L/∂a W
 
-    (the W term is only the penalty's direct part; what flows through a reaches W
-    and b by the Linear's own backward). Both [B, code] and [code, D] factors are
-    formed in the forward, so the backward is two fused ops. Exact, first order only
-    (``once_differentiable``); not for torch.func transforms (use `exact_penalty` or
-    `estimated_penalty` there). Only called with autograd recording.
+    Exact, first order only (``once_differentiable``); not for torch.func transforms
+    (use `exact_penalty` or `estimated_penalty` there). Only called with autograd
+    recording.
     """
 
     @staticmethod
-    def forward(ctx, pre, weight, activation, act_fn):
+    def forward(ctx, x, weight, bias, activation, act_fn):
+        pre = torch.addmm(bias, x, weight.t())
         out = act_fn(pre)
         d = activation_derivative(activation, pre, out)
-        d2 = d.square()
-        c = d2.mean(dim=0)  # mean over rows of φ'(a_j)², per code unit j
+        c = d.square().mean(dim=0)  # mean over rows of φ'(a_j)², per code unit j
         s = weight.square().sum(dim=1)  # Σ_i W_ji², per code unit j
         dd = activation_second_derivative(activation, pre, out, d)
-        ctx.d = d
+        ctx.x, ctx.weight, ctx.d, ctx.c2 = x, weight, d, c * 2
         ctx.grad_pre_of_penalty = None if dd is None else (d * dd).mul_(s * (2 / pre.shape[0]))
-        ctx.grad_weight_of_penalty = weight * (2 * c).unsqueeze(1)
         return out, torch.dot(c, s)
 
     @staticmethod
@@ -105,7 +105,10 @@ class _OneLayerCode(torch.autograd.Function):
         grad_pre = ctx.d * grad_out
         if ctx.grad_pre_of_penalty is not None:
             grad_pre = torch.addcmul(grad_pre, ctx.grad_pre_of_penalty, grad_penalty)
-        return grad_pre, ctx.grad_weight_of_penalty * grad_penalty, None, None
+        direct = ctx.weight * (ctx.c2 * grad_penalty).unsqueeze(1)
+        grad_weight = torch.addmm(direct, grad_pre.t(), ctx.x)
+        grad_x = grad_pre @ ctx.weight if ctx.needs_input_grad[0] else None
+        return grad_x, grad_weight, grad_pre.sum(dim=0), None, None
 
 
 def _one_layer_closed_form(
@@ -113,10 +116,10 @@ def _one_layer_closed_form(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     (linear,) = model.encoder_linears
     act = model.config.activation
-    pre = linear(x)
-    if torch.is_grad_enabled() and (pre.requires_grad or linear.weight.requires_grad):
-        code, penalty = _OneLayerCode.apply(pre, linear.weight, act, model.encoder_act)
+    if torch.is_grad_enabled() and (x.requires_grad or linear.weight.requires_grad):
+        code, penalty = _OneLayerCode.apply(x, linear.weight, linear.bias, act, model.encoder_act)
         return penalty, code
+    pre = linear(x)
     code = model.encoder_act(pre)
     d = activation_derivative(act, pre, code)
     return torch.dot(d.square().mean(dim=0), linear.weight.square().sum(dim=1)), code

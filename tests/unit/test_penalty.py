@@ -161,15 +161,17 @@ def test_one_layer_fused_node_passes_gradcheck(activation):
     model = make_model(activation, ())
     linear = model.encoder_linears[0]
     gen = torch.Generator().manual_seed(5)
-    # Away from relu/elu's kink at 0, where finite differences straddle it.
-    pre = torch.randn(5, 4, generator=gen, dtype=torch.float64)
-    pre = (pre + pre.sign() * 0.1).requires_grad_()
-    weight = linear.weight.detach().clone().requires_grad_()
+    x = torch.randn(5, linear.in_features, generator=gen, dtype=torch.float64)
+    weight = linear.weight.detach().clone()
+    bias = linear.bias.detach().clone()
+    # relu/elu have a kink at 0, where finite differences (eps 1e-6) would straddle it
+    assert (torch.addmm(bias, x, weight.t()).abs() > 1e-3).all()
 
-    def code_and_penalty(a, w):
-        return _OneLayerCode.apply(a, w, activation, model.encoder_act)
+    def code_and_penalty(x, w, b):
+        return _OneLayerCode.apply(x, w, b, activation, model.encoder_act)
 
-    assert torch.autograd.gradcheck(code_and_penalty, (pre, weight))
+    args = (x.requires_grad_(), weight.requires_grad_(), bias.requires_grad_())
+    assert torch.autograd.gradcheck(code_and_penalty, args)
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
