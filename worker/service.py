@@ -66,8 +66,12 @@ class _FlushOnRevoke(ConsumerRebalanceListener):
     def on_partitions_revoked(self, revoked):
         self.worker.flush(reason="revoked")
         self._count_held(minus=revoked)
+        # the group is rebalancing: not idle until the next assignment (kafka-python
+        # still lists the revoked partitions in assignment() while it rejoins)
+        self.worker._rebalancing = True
 
     def on_partitions_assigned(self, assigned):
+        self.worker._rebalancing = False
         self.worker._last_records_at = time.monotonic()  # idle counts from the assignment
         self._count_held()
         log.info(
@@ -100,6 +104,7 @@ class Worker:
         self.health: HealthServer | None = None
         self._transactional = settings.delivery == "exactly-once"
         self._last_records_at = time.monotonic()
+        self._rebalancing = False  # revoked, not yet assigned again (_FlushOnRevoke)
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -152,6 +157,9 @@ class Worker:
         }
         delay = 0.5
         while not self.stopping:
+            # alive while waiting for the broker: /healthz stays 200 (no container
+            # restart loop), /readyz says not ready
+            self.metrics.heartbeat()
             try:
                 self.producer = KafkaProducer(**common, **self.producer_config())
                 if self._transactional:
@@ -259,10 +267,10 @@ class Worker:
         if s.max_records is not None and self.summary.records >= s.max_records:
             return True
         if s.idle_timeout_s is not None and not len(self.batcher):
-            # Idle means partitions held and nothing arriving: a worker still joining its
-            # group (a restart waits out the dead member's session) is not idle. The
-            # clock restarts at each assignment (_FlushOnRevoke.on_partitions_assigned).
-            if self.consumer is None or not self.consumer.assignment():
+            # Idle means partitions held and nothing arriving: a worker joining or
+            # rejoining its group (a restart waits out the dead member's session) is not
+            # idle. The clock restarts at each assignment (_FlushOnRevoke).
+            if self.consumer is None or self._rebalancing or not self.consumer.assignment():
                 return False
             return time.monotonic() - self._last_records_at >= s.idle_timeout_s
         return False
@@ -375,6 +383,7 @@ class Worker:
         s.anomalies += n_anom
         s.rejected += len(decoded.rejected)
         s.batches += 1
+        m.events.inc(len(events))  # before the records: a scrape never sees rows without events
         m.records.labels(outcome="anomaly").inc(n_anom)
         m.records.labels(outcome="normal").inc(len(decoded) - n_anom)
         m.records.labels(outcome="rejected").inc(len(decoded.rejected))
@@ -390,7 +399,6 @@ class Worker:
                 first_offset=first.offset,
                 dlq=self.settings.dlq_topic,
             )
-        m.events.inc(len(events))
         m.batch_size.observe(len(decoded))
         m.stage.labels(stage="compute").observe(t1 - t0)
         m.stage.labels(stage="publish").observe(t2 - t1)
