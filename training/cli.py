@@ -32,6 +32,7 @@ from training.settings import (
 )
 from worker.checkpoint import list_versions, publish
 from worker.datafile import Dataset, load_dataset
+from worker.logs import stderr_lines
 from worker.scoring import Scorer, load_scorer
 
 EXIT_USAGE = 2
@@ -304,6 +305,6 @@ def configure_logging(interactive: bool) -> None:
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             renderer,
         ],
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=stderr_lines,
         cache_logger_on_first_use=False,
     )

@@ -24,7 +24,7 @@ def configure_logging(level: str = "INFO", json: bool | None = None) -> None:
         wrapper_class=structlog.make_filtering_bound_logger(
             getattr(logging, level.upper(), logging.INFO)
         ),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=stderr_lines,
         cache_logger_on_first_use=False,
     )
     # kafka-python logs through the standard library; keep its warnings, in our stream,
@@ -37,6 +37,14 @@ def configure_logging(level: str = "INFO", json: bool | None = None) -> None:
         if not any(isinstance(f, RepeatFilter) for f in handler.filters):
             handler.addFilter(RepeatFilter())
             handler.addFilter(fold_traceback)
+
+
+def stderr_lines(*_args) -> structlog.WriteLogger:
+    """One write per line, to whatever sys.stderr is when the line is logged.
+
+    structlog's PrintLogger print()s the line, then the newline, in two writes, and
+    kafka-python's threads log to the same stream in between (a torn JSON line)."""
+    return structlog.WriteLogger(sys.stderr)
 
 
 def fold_traceback(record: logging.LogRecord) -> bool:

@@ -2,7 +2,10 @@ import io
 import logging
 import sys
 
-from worker.logs import RepeatFilter, fold_traceback
+import orjson
+import structlog
+
+from worker.logs import RepeatFilter, fold_traceback, stderr_lines
 
 
 def record(msg, *args):
@@ -87,3 +90,29 @@ def test_errors_of_an_already_closed_kafka_transport_are_not_shown():
     )
     assert fold_traceback(closed) is False
     assert fold_traceback(open_) is True
+
+
+class Writes(io.StringIO):
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def write(self, s):
+        self.calls.append(s)
+        return super().write(s)
+
+
+def test_each_structured_line_is_one_write_to_the_current_stderr(monkeypatch):
+    """A line written in two parts can be torn by another thread's log line."""
+    structlog.configure(
+        processors=[structlog.processors.JSONRenderer()], logger_factory=stderr_lines
+    )
+    try:
+        for _ in range(2):  # sys.stderr is looked up at each line, not once
+            stream = Writes()
+            monkeypatch.setattr(sys, "stderr", stream)
+            structlog.get_logger().info("batch_scored", n=3)
+            assert len(stream.calls) == 1 and stream.calls[0].endswith("\n")
+            assert orjson.loads(stream.calls[0]) == {"event": "batch_scored", "n": 3}
+    finally:
+        structlog.reset_defaults()
