@@ -212,3 +212,24 @@ def metric_total(port: int, name: str, **labels: str) -> float:
         if metric == name and all(f'{k}="{v}"' in label_text for k, v in labels.items()):
             total += float(value)
     return total
+
+
+def wait_for(pred, timeout_s: float, interval_s: float = 0.2, what: str = "condition"):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+
+
+def log_events(path: Path) -> list[dict]:
+    out = []
+    for line in path.read_text().splitlines():
+        if line.startswith("{"):
+            try:
+                out.append(orjson.loads(line))
+            except orjson.JSONDecodeError:
+                pass
+    return out

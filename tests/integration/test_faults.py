@@ -41,11 +41,13 @@ from tests.integration.kafka_helpers import (
     create_topics,
     events_of,
     http_get,
+    log_events,
     producer,
     read_topic,
     start_worker,
     stop_worker,
     unique,
+    wait_for,
     worker_env,
     worker_settings,
 )
@@ -111,16 +113,6 @@ def record_row(request, **row) -> None:
 # -- helpers --------------------------------------------------------------------------------
 
 
-def wait_for(pred, timeout_s: float, interval_s: float = 0.2, what: str = "condition"):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(interval_s)
-    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
-
-
 def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
     c = KafkaConsumer(bootstrap_servers=bootstrap)
     try:
@@ -147,17 +139,6 @@ def wait_all_committed(bootstrap, topics, timeout_s: float = 180) -> int:
     wait_for(caught_up, timeout_s, 0.5, "all input records committed")
     time.sleep(1.0)
     return wait_for(caught_up, timeout_s, 0.5, "all input records committed")
-
-
-def log_events(path: Path) -> list[dict]:
-    out = []
-    for line in path.read_text().splitlines():
-        if line.startswith("{"):
-            try:
-                out.append(orjson.loads(line))
-            except orjson.JSONDecodeError:
-                pass
-    return out
 
 
 def tail(path: Path, n: int = 3000) -> str:

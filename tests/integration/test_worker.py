@@ -18,11 +18,13 @@ from tests.integration.kafka_helpers import (
     broker_hides_aborted,
     committed_offsets,
     events_of,
+    log_events,
     metric_total,
     producer,
     read_topic,
     start_worker,
     stop_worker,
+    wait_for,
     worker_env,
     worker_settings,
 )
@@ -266,31 +268,38 @@ def test_kill_9_mid_stream_then_restart_loses_nothing(
         WORKER_MAX_BATCH_SIZE=200,
         WORKER_TRANSACTIONAL_ID=topics["group"] + "-w1",
     )
+    log1 = tmp_path / "w1.log"
     producer_thread = threading.Thread(
-        target=_produce_stream, args=(broker.bootstrap, topics["input"], n, 3000)
+        target=_produce_stream, args=(broker.bootstrap, topics["input"], n, 1000)
     )
-    producer_thread.start()
-    proc = start_worker(env, tmp_path / "w1.log")
-    # let it score part of the stream, then kill it without warning
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if (
-            sum(committed_offsets(broker.bootstrap, topics["group"], topics["input"]).values())
-            > 500
-        ):
-            break
-        time.sleep(0.1)
-    proc.kill()
-    proc.wait()
+
+    def committed():
+        return sum(committed_offsets(broker.bootstrap, topics["group"], topics["input"]).values())
+
+    proc = start_worker(env, log1)
+    try:
+        # The producer, not the worker, sets the pace (6 s of stream at 1000/s), and
+        # it starts once the worker holds its partitions: a backlog would be drained
+        # in about a second, between two progress checks, and the kill would miss.
+        wait_for(
+            lambda: any(e.get("event") == "partitions_assigned" for e in log_events(log1)),
+            120,
+            0.2,
+            "the worker's partitions",
+        )
+        producer_thread.start()
+        # let it score part of the stream, then kill it without warning
+        wait_for(lambda: committed() > 500, 60, 0.1, "500 records committed")
+    finally:
+        proc.kill()
+        proc.wait()
     producer_thread.join()
-    done_before = sum(
-        committed_offsets(broker.bootstrap, topics["group"], topics["input"]).values()
-    )
+    done_before = committed()
     assert 0 < done_before < n, "the kill should land mid-stream"
 
     proc = start_worker({**env, "WORKER_IDLE_TIMEOUT_S": "8"}, tmp_path / "w2.log")
     assert proc.wait(timeout=120) == 0, (tmp_path / "w2.log").read_text()[-3000:]
-    assert sum(committed_offsets(broker.bootstrap, topics["group"], topics["input"]).values()) == n
+    assert committed() == n
 
     isolation = "read_committed" if delivery == "exactly-once" else "read_uncommitted"
     events = events_of(
