@@ -53,20 +53,21 @@ def activation_derivative(activation: str, pre: torch.Tensor, out: torch.Tensor)
     raise ValueError(f"no closed form for activation {activation!r}")
 
 
-def activation_second_derivative(
-    activation: str, pre: torch.Tensor, out: torch.Tensor, d: torch.Tensor
+def derivative_times_second(
+    activation: str, pre: torch.Tensor, out: torch.Tensor, d: torch.Tensor, d2: torch.Tensor
 ) -> torch.Tensor | None:
-    """φ''(a) from a, φ(a) and d = φ'(a); None where it is zero almost everywhere (relu)."""
+    """φ'(a) φ''(a) from a, φ(a), d = φ'(a) and d2 = φ'(a)²; None where φ'' is zero almost
+    everywhere (relu). One op each: this runs once per training step."""
     if activation == "sigmoid":
-        return torch.addcmul(d, d, out, value=-2)  # d (1 − 2h)
+        return torch.addcmul(d2, d2, out, value=-2)  # φ'' = φ' (1 − 2h)
     if activation == "tanh":
-        return d * out * -2  # −2 h (1 − h²)
+        return torch.mul(d2, out).mul_(-2)  # φ'' = −2 h φ'
     if activation == "relu":
         return None
     if activation == "softplus":
-        return torch.addcmul(d, d, d, value=-1)  # σ(a) (1 − σ(a))
+        return torch.addcmul(d2, d2, d, value=-1)  # φ' = σ(a), φ'' = φ' (1 − φ')
     if activation == "elu":
-        return torch.where(pre > 0, 0.0, d)  # e^a = h + 1 = φ'(a) for a ≤ 0
+        return torch.where(pre > 0, 0.0, d2)  # φ'' = φ' = e^a for a ≤ 0
     raise ValueError(f"no closed form for activation {activation!r}")
 
 
@@ -89,15 +90,17 @@ class _OneLayerCode(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, activation, act_fn):
+        n = x.shape[0]
         pre = torch.addmm(bias, x, weight.t())
         out = act_fn(pre)
         d = activation_derivative(activation, pre, out)
-        c = d.square().mean(dim=0)  # mean over rows of φ'(a_j)², per code unit j
-        s = weight.square().sum(dim=1)  # Σ_i W_ji², per code unit j
-        dd = activation_second_derivative(activation, pre, out, d)
-        ctx.x, ctx.weight, ctx.d, ctx.c2 = x, weight, d, c * 2
-        ctx.grad_pre_of_penalty = None if dd is None else (d * dd).mul_(s * (2 / pre.shape[0]))
-        return out, torch.dot(c, s)
+        d2 = d * d
+        c = d2.sum(dim=0)  # n × the mean over rows of φ'(a_j)², per code unit j
+        s = (weight * weight).sum(dim=1)  # Σ_i W_ji², per code unit j
+        ddd = derivative_times_second(activation, pre, out, d, d2)
+        ctx.x, ctx.weight, ctx.d, ctx.c2 = x, weight, d, c * (2 / n)
+        ctx.grad_pre_of_penalty = None if ddd is None else ddd.mul_(s * (2 / n))
+        return out, torch.dot(c, s).div_(n)
 
     @staticmethod
     @once_differentiable
@@ -117,7 +120,9 @@ def _one_layer_closed_form(
     (linear,) = model.encoder_linears
     act = model.config.activation
     if torch.is_grad_enabled() and (x.requires_grad or linear.weight.requires_grad):
-        code, penalty = _OneLayerCode.apply(x, linear.weight, linear.bias, act, model.encoder_act)
+        # the activation's forward, not the module call: no hooks to run
+        act_fn = model.encoder_act.forward
+        code, penalty = _OneLayerCode.apply(x, linear.weight, linear.bias, act, act_fn)
         return penalty, code
     pre = linear(x)
     code = model.encoder_act(pre)

@@ -91,7 +91,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m tests.bench.penalty", description=__doc__)
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--steps", type=int, default=20, help="steps per timing sample")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (default 1, the trainer's default TRAIN_TORCH_THREADS)",
+    )
     parser.add_argument(
         "--large-batch",
         type=int,
@@ -99,8 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
         help="also run the default architecture at this batch size (0: skip)",
     )
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)  # not whatever ran before in this process
     facts = machine()
     rows, table = [], []
     cases = [(name, config, BATCH) for name, config in architectures().items()]
