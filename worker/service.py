@@ -59,19 +59,17 @@ class _FlushOnRevoke(ConsumerRebalanceListener):
         self.worker = worker
 
     def _count_held(self, minus=()) -> None:
+        # minus the revoked ones: kafka-python still lists them in assignment() while
+        # the group rebalances, and a worker that is rejoining holds nothing
         consumer = self.worker.consumer
         held = set(consumer.assignment()) - set(minus) if consumer is not None else set()
-        self.worker.metrics.assigned_partitions.set(len(held))
+        self.worker._set_partitions_held(len(held))
 
     def on_partitions_revoked(self, revoked):
         self.worker.flush(reason="revoked")
         self._count_held(minus=revoked)
-        # the group is rebalancing: not idle until the next assignment (kafka-python
-        # still lists the revoked partitions in assignment() while it rejoins)
-        self.worker._rebalancing = True
 
     def on_partitions_assigned(self, assigned):
-        self.worker._rebalancing = False
         self.worker._last_records_at = time.monotonic()  # idle counts from the assignment
         self._count_held()
         log.info(
@@ -104,7 +102,7 @@ class Worker:
         self.health: HealthServer | None = None
         self._transactional = settings.delivery == "exactly-once"
         self._last_records_at = time.monotonic()
-        self._rebalancing = False  # revoked, not yet assigned again (_FlushOnRevoke)
+        self.partitions_held = 0  # kept by the rebalance listener (_FlushOnRevoke)
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -228,8 +226,13 @@ class Worker:
             "model_serving", version=scorer.version, previous=previous, device=str(self.device)
         )
 
+    def _set_partitions_held(self, n: int) -> None:
+        self.partitions_held = n
+        self.metrics.assigned_partitions.set(n)
+
     def _close_clients(self) -> None:
         consumer, self.consumer = self.consumer, None
+        self._set_partitions_held(0)
         producer, self.producer = self.producer, None
         if consumer is not None:
             try:
@@ -268,9 +271,9 @@ class Worker:
             return True
         if s.idle_timeout_s is not None and not len(self.batcher):
             # Idle means partitions held and nothing arriving: a worker joining or
-            # rejoining its group (a restart waits out the dead member's session) is not
-            # idle. The clock restarts at each assignment (_FlushOnRevoke).
-            if self.consumer is None or self._rebalancing or not self.consumer.assignment():
+            # rejoining its group (a restart waits out the dead member's session) holds
+            # none and is not idle. The clock restarts at each assignment (_FlushOnRevoke).
+            if not self.partitions_held:
                 return False
             return time.monotonic() - self._last_records_at >= s.idle_timeout_s
         return False

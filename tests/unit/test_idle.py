@@ -33,9 +33,9 @@ def worker(consumer) -> Worker:
     w.summary = RunSummary()
     w.metrics = WorkerMetrics()
     w.consumer = consumer
-    w._rebalancing = False
-    w._last_records_at = time.monotonic()
+    w.partitions_held = 0
     w.flush = lambda reason: None
+    _FlushOnRevoke(w).on_partitions_assigned(consumer.assignment())  # what the group gave
     return w
 
 
