@@ -8,8 +8,16 @@ import structlog
 from worker.logs import RepeatFilter, fold_traceback, stderr_lines
 
 
-def record(msg, *args):
-    return logging.LogRecord("kafka.net", logging.ERROR, __file__, 1, msg, args, None)
+def record(msg, *args, name="kafka.net", exc_info=None):
+    return logging.LogRecord(name, logging.ERROR, __file__, 1, msg, args, exc_info)
+
+
+def attribute_error():
+    """The exc_info of kafka-python's shutdown race: a read on a socket it closed."""
+    try:
+        None.recv(4096)
+    except AttributeError:
+        return sys.exc_info()
 
 
 def test_repeated_messages_pass_once_per_interval_and_report_what_was_held():
@@ -27,24 +35,20 @@ def test_repeated_messages_pass_once_per_interval_and_report_what_was_held():
     )
 
 
-def test_kafka_tracebacks_fold_into_one_line_with_the_error():
-    try:
-        None.recv(4096)
-    except AttributeError:
-        r = logging.LogRecord(
-            "kafka.net.transport",
-            logging.ERROR,
-            __file__,
-            1,
-            "%s: Error receiving",
-            ("conn",),
-            sys.exc_info(),
-        )
+def emitted(r: logging.LogRecord) -> str:
+    """What a stderr handler with the fold filter writes for `r`."""
     out = io.StringIO()
     handler = logging.StreamHandler(out)
     handler.addFilter(fold_traceback)
     handler.handle(r)
-    text = out.getvalue()
+    return out.getvalue()
+
+
+def test_kafka_tracebacks_fold_into_one_line_with_the_error():
+    r = record(
+        "%s: Error receiving", "conn", name="kafka.net.transport", exc_info=attribute_error()
+    )
+    text = emitted(r)
     assert "Traceback" not in text and text.count("\n") == 1
     assert "conn: Error receiving (AttributeError:" in text and "recv" in text
 
@@ -53,12 +57,8 @@ def test_our_own_tracebacks_are_kept():
     try:
         raise ValueError("ours")
     except ValueError:
-        r = logging.LogRecord("worker", logging.ERROR, __file__, 1, "boom", (), sys.exc_info())
-    out = io.StringIO()
-    handler = logging.StreamHandler(out)
-    handler.addFilter(fold_traceback)
-    handler.handle(r)
-    assert "Traceback" in out.getvalue()
+        r = record("boom", name="worker", exc_info=sys.exc_info())
+    assert "Traceback" in emitted(r)
 
 
 def test_errors_of_an_already_closed_kafka_transport_are_not_shown():
@@ -66,28 +66,9 @@ def test_errors_of_an_already_closed_kafka_transport_are_not_shown():
         def __str__(self):
             return "<KafkaTCPTransport [none] (closed)>"
 
-    try:
-        None.recv(4096)
-    except AttributeError:
-        info = sys.exc_info()
-    closed = logging.LogRecord(
-        "kafka.net.transport",
-        logging.ERROR,
-        __file__,
-        1,
-        "%s: Error receiving",
-        (Transport(),),
-        info,
-    )
-    open_ = logging.LogRecord(
-        "kafka.net.transport",
-        logging.ERROR,
-        __file__,
-        1,
-        "%s: Error receiving",
-        ("<T [b:9092]>",),
-        info,
-    )
+    info = attribute_error()
+    closed = record("%s: Error receiving", Transport(), name="kafka.net.transport", exc_info=info)
+    open_ = record("%s: Error receiving", "<T [b:9092]>", name="kafka.net.transport", exc_info=info)
     assert fold_traceback(closed) is False
     assert fold_traceback(open_) is True
 
