@@ -195,20 +195,12 @@ def test_hot_reload_mid_stream_and_corrupt_checkpoint_is_refused(
             p.send(topics["input"], value=codec.encode_json(row, id=f"{tag}{i}"))
         p.flush()
 
-    def wait_for(pred, timeout=30):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if pred():
-                return True
-            time.sleep(0.1)
-        return False
-
     send(normal_rows(100, 10), "a")
-    assert wait_for(lambda: worker.summary.records >= 100)
+    wait_for(lambda: worker.summary.records >= 100, 30, 0.1, "100 records scored")
     v2 = publish(model_dir, second.model, second.manifest)
-    assert wait_for(lambda: worker.scorer.version == v2)
+    wait_for(lambda: worker.scorer.version == v2, 30, 0.1, "v2 serving")
     send(normal_rows(100, 11), "b")
-    assert wait_for(lambda: worker.summary.records >= 200)
+    wait_for(lambda: worker.summary.records >= 200, 30, 0.1, "200 records scored")
     assert worker.scorer.version == v2
 
     # a tampered checkpoint: LATEST moves to it, verification refuses it, v2 keeps serving
@@ -221,9 +213,9 @@ def test_hot_reload_mid_stream_and_corrupt_checkpoint_is_refused(
     (staging / v3).rename(model_dir / v3)
     (model_dir / "LATEST.tmp").write_text(v3 + "\n")
     (model_dir / "LATEST.tmp").rename(model_dir / LATEST_FILE)
-    assert wait_for(lambda: v3 in worker.watcher.refused)
+    wait_for(lambda: v3 in worker.watcher.refused, 30, 0.1, "v3 refused")
     send(normal_rows(100, 12), "c")
-    assert wait_for(lambda: worker.summary.records >= 300)
+    wait_for(lambda: worker.summary.records >= 300, 30, 0.1, "300 records scored")
     worker.request_stop()
     thread.join(timeout=30)
     assert not thread.is_alive()
