@@ -1,6 +1,6 @@
 """python -m deploy.alert_consumer: the demo's downstream service (compose `demo` profile).
 
-Reads anomaly events (SPEC §4) in its own consumer group and logs one `alert` line per
+Reads anomaly events (docs/contract.md#anomaly-events) in its own group, logs one `alert` line per
 event. Under at-least-once delivery an event can arrive twice; it is de-duplicated by
 `event_id` (a bounded memory of recent ids). Offsets are committed after the alerts are
 logged. SIGTERM: commit and exit 0.

@@ -1,7 +1,7 @@
 """python -m deploy.demo_producer: synthetic feature vectors for the demo (compose `demo` profile).
 
 Normal rows lie near a low-dimensional subspace (so an autoencoder can learn them); a
-fraction --anomaly-rate of rows is pushed off it. JSON records as in SPEC §3 (worker.codec),
+fraction --anomaly-rate of rows is pushed off it. JSON records (docs/contract.md#input-formats),
 keyed by sensor. Runs until --count records (0 = forever) or SIGTERM, then flushes and exits 0.
 """
 

@@ -1,6 +1,6 @@
 """Input codec: Kafka records → a float32 matrix, with every bad record named.
 
-Formats (SPEC §3):
+Formats (docs/contract.md#input-formats):
 
 * JSON (default): ``{"id": "...", "features": [..] | {"name": v}, "ts": ms}`` or a bare
   JSON array of numbers.

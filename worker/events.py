@@ -1,4 +1,4 @@
-"""Anomaly events (SPEC §4) and dead-letter records (SPEC §3), ready to send."""
+"""Ready-to-send events (docs/contract.md#anomaly-events) and DLQ records (#dead-letter-records)."""
 
 from __future__ import annotations
 
