@@ -5,7 +5,8 @@
 A benchmark is a module here with a `main()` that runs with no arguments, writes
 its own results/NAME.json and returns a dict (or nothing: then results/NAME.json
 is read). Each prints its own detailed tables while it runs; at the end comes ONE
-markdown table (also written to results/summary.md) with the date and the machine:
+markdown table with the date and the machine, written to results/summary.md and into
+docs/benchmarks.md between its two marker comments (a full run only):
 
 * worker: its `summary_rows(results)` (ratios with the rates and CPU µs per record
   they come from, 2 workers / 1, resident memory, latency);
@@ -251,10 +252,32 @@ def main(argv: list[str] | None = None) -> int:
     )
     print("\n## Summary\n")
     print(text, flush=True)
-    if not given or set(given) >= set(EXPECTED):  # a partial run leaves summary.md alone
+    if not given or set(given) >= set(EXPECTED):  # a partial run leaves the summaries alone
         RESULTS_DIR.mkdir(parents=True, exist_ok=True)
         (RESULTS_DIR / "summary.md").write_text(text + "\n")
+        write_docs_summary(text)
+        print(f"\nwrote {RESULTS_DIR / 'summary.md'} and {DOCS_FILE}")
     return 1 if failed else 0
+
+
+# docs/benchmarks.md holds the latest full run between these two markers; the prose
+# around them is written by hand and left as it is.
+DOCS_FILE = Path(__file__).resolve().parents[2] / "docs" / "benchmarks.md"
+DOCS_START = "<!-- make bench: generated table, start -->"
+DOCS_END = "<!-- make bench: generated table, end -->"
+
+
+def write_docs_summary(text: str, path: Path = DOCS_FILE) -> None:
+    """Replace the generated section of docs/benchmarks.md (appended when absent)."""
+    block = f"{DOCS_START}\n\n{text}\n\n{DOCS_END}"
+    doc = path.read_text() if path.exists() else "# Benchmarks\n"
+    start, end = doc.find(DOCS_START), doc.find(DOCS_END)
+    if 0 <= start < end:
+        doc = doc[:start] + block + doc[end + len(DOCS_END) :]
+    else:
+        doc = doc.rstrip("\n") + "\n\n" + block + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(doc)
 
 
 if __name__ == "__main__":
