@@ -1,17 +1,12 @@
-"""Prometheus metrics and the /healthz, /readyz endpoints on WORKER_METRICS_PORT.
-
-The HTTP server answers exactly three paths and nothing else.
-"""
+"""The worker's Prometheus metrics (served by worker/health.py on WORKER_METRICS_PORT)."""
 
 from __future__ import annotations
 
-import threading
 import time
-from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from worker.step import BatchOutcome, latency_sample
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _SIZE_BUCKETS = (1, 8, 32, 128, 512, 1024, 4096, 16384, 65536)
@@ -70,76 +65,24 @@ class WorkerMetrics:
         self.assigned_partitions = Gauge(
             "cae_assigned_partitions", "Input partitions this worker holds", registry=r
         )
-        self.last_loop = time.monotonic()
-        self.is_ready = False
-        self.not_ready_reason = "starting"
-        # Asked by /readyz on every request once the loop has declared itself ready:
-        # returns why the broker looks gone right now, or None.
-        self.readiness_probe: Callable[[], str | None] | None = None
 
     def set_model(self, version: str) -> None:
         self.model_info.clear()
         self.model_info.labels(version=version).set(1)
 
-    def heartbeat(self) -> None:
-        self.last_loop = time.monotonic()
-
-    def set_ready(self, ready: bool, reason: str = "") -> None:
-        self.is_ready = ready
-        self.not_ready_reason = reason
-        self.ready.set(1 if ready else 0)
-
-
-class HealthServer:
-    """/metrics, /healthz (the loop is alive), /readyz (model loaded, broker reachable)."""
-
-    def __init__(self, metrics: WorkerMetrics, host: str, port: int, stale_after_s: float = 60.0):
-        self.metrics = metrics
-        owner = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 - http.server's name
-                code, body, ctype = owner.respond(self.path)
-                self.send_response(code)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):  # silence per-request stderr lines
-                pass
-
-        self.stale_after_s = stale_after_s
-        self.server = ThreadingHTTPServer((host, port), Handler)
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
-        self._thread = threading.Thread(
-            target=self.server.serve_forever, name="health-http", daemon=True
-        )
-
-    def respond(self, path: str) -> tuple[int, bytes, str]:
-        path = path.split("?", 1)[0]
-        m = self.metrics
-        if path == "/metrics":
-            return 200, generate_latest(m.registry), CONTENT_TYPE_LATEST
-        if path == "/healthz":
-            age = time.monotonic() - m.last_loop
-            if age <= self.stale_after_s:
-                return 200, b"ok\n", "text/plain"
-            return 503, f"loop stalled for {age:.0f}s\n".encode(), "text/plain"
-        if path == "/readyz":
-            reason = m.not_ready_reason if not m.is_ready else None
-            if reason is None and m.readiness_probe is not None:
-                reason = m.readiness_probe()
-            if reason is None:
-                return 200, b"ready\n", "text/plain"
-            return 503, f"not ready: {reason}\n".encode(), "text/plain"
-        return 404, b"not found\n", "text/plain"
-
-    def start(self) -> HealthServer:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+    def observe(self, outcome: BatchOutcome, publish_s: float, lag: dict) -> None:
+        """Count one delivered batch (`lag`: records behind per TopicPartition)."""
+        n_normal = outcome.rows - outcome.anomalies
+        self.events.inc(len(outcome.events))  # first: a scrape never sees rows without events
+        self.records.labels(outcome="anomaly").inc(outcome.anomalies)
+        self.records.labels(outcome="normal").inc(n_normal)
+        self.records.labels(outcome="rejected").inc(len(outcome.rejected))
+        for rej in outcome.rejected:
+            self.rejected.labels(reason=rej.code).inc()
+        self.batch_size.observe(outcome.rows)
+        self.stage.labels(stage="compute").observe(outcome.compute_s)
+        self.stage.labels(stage="publish").observe(publish_s)
+        for seconds in latency_sample(outcome.records, time.time() * 1000):
+            self.latency.observe(seconds)
+        for tp, behind in lag.items():
+            self.lag.labels(topic=tp.topic, partition=str(tp.partition)).set(behind)

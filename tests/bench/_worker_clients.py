@@ -5,9 +5,10 @@
     python -m tests.bench._worker_clients passthrough THRESHOLD
     python -m tests.bench._worker_clients naive
 
-`passthrough` and `naive` read WORKER_*/KAFKA_* like `python -m worker`, and get
-their consumer and producer from `Worker._connect`, so all three loops run with
-the same client settings; they stop after WORKER_MAX_RECORDS records.
+`passthrough` and `naive` read WORKER_*/KAFKA_* like `python -m worker`, open their
+consumer and producer with the worker's own `open_clients` and deliver through its
+at-least-once strategy, so all three loops run with the same client settings and
+publish path; they stop after WORKER_MAX_RECORDS records.
 """
 
 from __future__ import annotations
@@ -19,15 +20,16 @@ from pathlib import Path
 
 import numpy as np
 from kafka import KafkaProducer
-from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from worker.batcher import MicroBatcher
 from worker.checkpoint import read_latest
+from worker.clients import KafkaClients, open_clients
 from worker.codec import Codec, encode_float32, encode_float32_rows, encode_json
+from worker.delivery import AtLeastOnce
 from worker.events import build_events, dlq_record
 from worker.scoring import BatchScores, Scorer, load_scorer
-from worker.service import Worker
 from worker.settings import WorkerSettings
+from worker.step import BatchOutcome, next_offsets, score_records
 
 KEYS = [b"sensor-%d" % i for i in range(64)]
 
@@ -94,31 +96,11 @@ def steady(
     return {"sent": sent, "seconds": elapsed, "achieved_rate": sent / elapsed}
 
 
-def _clients(settings: WorkerSettings) -> tuple[Worker, Scorer, Codec]:
-    worker = Worker(settings)
-    worker._connect()  # the worker's own consumer and producer configuration
+def _clients(settings: WorkerSettings) -> tuple[KafkaClients, Scorer, Codec]:
+    clients = open_clients(settings, listener=None)  # the worker's own client configuration
     version = read_latest(settings.model_dir)
     scorer = load_scorer(Path(settings.model_dir) / version, device="cpu")
-    return worker, scorer, Codec(scorer.feature_names, settings.max_record_bytes)
-
-
-def _next_offsets(batch: list) -> dict[TopicPartition, OffsetAndMetadata]:
-    last: dict[tuple[str, int], int] = {}
-    for rec in batch:
-        last[(rec.topic, rec.partition)] = max(rec.offset, last.get((rec.topic, rec.partition), -1))
-    return {TopicPartition(t, p): OffsetAndMetadata(o + 1, "", -1) for (t, p), o in last.items()}
-
-
-def _publish(
-    worker: Worker, settings: WorkerSettings, events: list, dlq: list, batch: list
-) -> None:
-    p = worker.producer
-    futures = [p.send(settings.output_topic, key=k, value=v, headers=h) for k, v, h in events]
-    futures += [p.send(settings.dlq_topic, key=k, value=v, headers=h) for k, v, h in dlq]
-    p.flush(timeout=30)
-    if not all(f.succeeded() for f in futures):
-        raise RuntimeError("an output was not acknowledged")
-    worker.consumer.commit(_next_offsets(batch))
+    return clients, scorer, Codec(scorer.feature_names, settings.max_record_bytes)
 
 
 def passthrough(threshold: float) -> dict:
@@ -126,7 +108,8 @@ def passthrough(threshold: float) -> dict:
     with the model replaced by `max |x| >= threshold` (the benchmark picks the
     threshold so this flags as many rows as the model does)."""
     settings = WorkerSettings()
-    worker, scorer, codec = _clients(settings)
+    clients, scorer, codec = _clients(settings)
+    delivery = AtLeastOnce(settings)
     batcher = MicroBatcher(settings.max_batch_size, settings.max_batch_wait_ms / 1000)
     k = scorer.top_k
     n_max, done, outputs = settings.max_records, 0, 0
@@ -152,43 +135,37 @@ def passthrough(threshold: float) -> dict:
                 build_events(decoded, fake, scorer, False, int(time.time() * 1000)) if n else []
             )
             dlq = [dlq_record(r) for r in decoded.rejected]
-            _publish(worker, settings, events, dlq, batch)
+            outcome = BatchOutcome(batch, events, dlq, next_offsets(batch))
+            delivery.deliver(outcome, clients.producer, clients.consumer)
             done += len(batch)
             outputs += len(events)
             continue
         room = min(batcher.room(), n_max - done - len(batcher))
-        polled = worker.consumer.poll(
+        polled = clients.consumer.poll(
             timeout_ms=int(batcher.wait_s(0.2) * 1000), max_records=max(1, room)
         )
         for records in polled.values():
             batcher.add(records)
         if len(batcher) and done + len(batcher) >= n_max:
             batcher.max_wait_s = 0.0  # bounded run: the last batch is due now
-    worker._close_clients()
+    clients.close()
     return {"records": done, "outputs": outputs}
 
 
 def naive() -> dict:
     """The per-record worker: poll one, decode, score a 1-row batch, send, flush, commit."""
     settings = WorkerSettings()
-    worker, scorer, codec = _clients(settings)
+    clients, scorer, codec = _clients(settings)
+    delivery = AtLeastOnce(settings)
     done, outputs = 0, 0
     while done < settings.max_records:
-        for records in worker.consumer.poll(timeout_ms=200, max_records=1).values():
+        for records in clients.consumer.poll(timeout_ms=200, max_records=1).values():
             for rec in records:
-                decoded = codec.decode([rec])
-                result = (
-                    scorer.score_batch(decoded.rows, explain="anomalies") if len(decoded) else None
-                )
-                events = (
-                    build_events(decoded, result, scorer, False, int(time.time() * 1000))
-                    if result
-                    else []
-                )
-                _publish(worker, settings, events, [dlq_record(r) for r in decoded.rejected], [rec])
+                outcome = score_records([rec], codec, scorer, emit_all=False)
+                delivery.deliver(outcome, clients.producer, clients.consumer)
                 done += 1
-                outputs += len(events)
-    worker._close_clients()
+                outputs += len(outcome.events)
+    clients.close()
     return {"records": done, "outputs": outputs}
 
 

@@ -1,25 +1,34 @@
-"""/readyz asks the worker's readiness probe on every request, so an outage shows even
-while the loop is blocked (in a flush, a commit) and cannot update its own flag."""
+"""Liveness and readiness: /readyz asks the broker probe on every request, so an outage
+shows even while the loop is blocked (in a flush, a commit) and cannot update its own
+flag; /healthz fails when the loop stalls or the checkpoint watcher has died."""
 
 from __future__ import annotations
 
-from worker.metrics import HealthServer, WorkerMetrics
+from types import SimpleNamespace
+
+from worker.health import Health, HealthServer, broker_silence
+from worker.metrics import WorkerMetrics
 
 
-def _server(metrics: WorkerMetrics) -> HealthServer:
-    server = HealthServer(metrics, "127.0.0.1", 0)
+def _server(health: Health) -> HealthServer:
+    server = HealthServer(health, "127.0.0.1", 0)
     server.server.server_close()  # respond() is all we need; no socket kept open
     return server
 
 
+def _ready_gauge(health: Health) -> float:
+    return health.metrics.registry.get_sample_value("cae_ready")
+
+
 def test_readyz_reports_the_probe_reason_while_the_loop_thinks_it_is_ready():
-    m = WorkerMetrics()
-    server = _server(m)
+    health = Health(WorkerMetrics())
+    server = _server(health)
     assert server.respond("/readyz")[0] == 503  # starting
-    m.set_ready(True)
+    health.set_ready(True)
     assert server.respond("/readyz")[:2] == (200, b"ready\n")
+    assert _ready_gauge(health) == 1
     outage = {"reason": "no answer from the group coordinator for 7s"}
-    m.readiness_probe = lambda: outage["reason"]
+    health.broker_probe = lambda: outage["reason"]
     code, body, _ = server.respond("/readyz")
     assert code == 503 and b"no answer from the group coordinator" in body
     outage["reason"] = None
@@ -27,8 +36,50 @@ def test_readyz_reports_the_probe_reason_while_the_loop_thinks_it_is_ready():
 
 
 def test_loop_reason_wins_over_the_probe():
-    m = WorkerMetrics()
-    m.readiness_probe = lambda: None
-    m.set_ready(False, "waiting for a model")
-    code, body, _ = _server(m).respond("/readyz")
+    health = Health(WorkerMetrics())
+    health.set_ready(False, "waiting for a model")
+    code, body, _ = _server(health).respond("/readyz")
     assert code == 503 and b"waiting for a model" in body
+    assert _ready_gauge(health) == 0
+
+
+def test_healthz_fails_when_the_loop_stalls():
+    health = Health(WorkerMetrics(), stale_after_s=60)
+    server = _server(health)
+    assert server.respond("/healthz")[0] == 200
+    health.last_beat -= 61
+    code, body, _ = server.respond("/healthz")
+    assert code == 503 and b"loop stalled" in body
+    health.beat()
+    assert server.respond("/healthz")[0] == 200
+
+
+def test_healthz_fails_when_the_checkpoint_watcher_died():
+    health = Health(WorkerMetrics())
+    alive = {"watcher": True}
+    health.components_alive = lambda: alive["watcher"]
+    server = _server(health)
+    assert server.respond("/healthz")[0] == 200
+    alive["watcher"] = False
+    code, body, _ = server.respond("/healthz")
+    assert code == 503 and b"checkpoint watcher stopped" in body
+
+
+def _consumer(coordinator_id, unknown: bool, last_receive: float, last_reset: float):
+    heartbeat = SimpleNamespace(last_receive=last_receive, last_reset=last_reset)
+    coordinator = SimpleNamespace(
+        coordinator_id=coordinator_id,
+        coordinator_unknown=lambda: unknown,
+        heartbeat=heartbeat,
+    )
+    return SimpleNamespace(_coordinator=coordinator)
+
+
+def test_broker_silence_reads_the_group_coordinator(monkeypatch):
+    monkeypatch.setattr("worker.health.time.monotonic", lambda: 100.0)
+    assert broker_silence(None, 10) == "not connected to the broker"
+    assert "no group coordinator" in broker_silence(_consumer(None, True, 99, 0), 10)
+    assert "no group coordinator" in broker_silence(_consumer(1, True, 99, 0), 10)
+    assert broker_silence(_consumer(1, False, 95, 0), 10) is None
+    assert "for 15s" in broker_silence(_consumer(1, False, 85, 0), 10)
+    assert broker_silence(_consumer(1, False, 0, 95), 10) is None, "a reset counts as an answer"

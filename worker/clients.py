@@ -1,0 +1,82 @@
+"""The worker's Kafka clients: one consumer in the group, one producer for its outputs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import structlog
+from kafka import KafkaConsumer, KafkaProducer
+from kafka.consumer.subscription_state import ConsumerRebalanceListener
+
+from worker.settings import WorkerSettings
+
+log = structlog.get_logger("worker.clients")
+
+# Each connection attempt gives up after a few seconds, so the worker's own backoff
+# logs the wait and honours a stop request; a broker that comes back is retried
+# within seconds, not after kafka-python's 30 s bootstrap and reconnect backoff.
+ATTEMPT_OPTIONS = {"bootstrap_timeout_ms": 5_000, "reconnect_backoff_max_ms": 5_000}
+
+
+@dataclass
+class KafkaClients:
+    consumer: KafkaConsumer
+    producer: KafkaProducer
+
+    def close(self) -> None:
+        try:
+            self.consumer.close(autocommit=False)
+        except Exception as e:  # closing must not hide the error that got us here
+            log.warning("consumer_close_failed", error=str(e))
+        try:
+            self.producer.close(timeout=10)
+        except Exception as e:
+            log.warning("producer_close_failed", error=str(e))
+
+
+def producer_config(settings: WorkerSettings, extra: dict | None = None) -> dict:
+    """kafka-python producer settings for events and DLQ records (`extra`: the
+    delivery strategy's own, e.g. a transactional id)."""
+    return dict(
+        acks="all",
+        linger_ms=5,
+        batch_size=256 * 1024,
+        retries=5,
+        max_block_ms=30_000,
+        compression_type=None if settings.compression == "none" else settings.compression,
+        **(extra or {}),
+    )
+
+
+def consumer_config(settings: WorkerSettings) -> dict:
+    """kafka-python consumer settings: manual commits, committed reads only."""
+    return dict(
+        group_id=settings.group_id,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        max_poll_records=settings.max_batch_size,
+        session_timeout_ms=settings.session_timeout_ms,
+        heartbeat_interval_ms=settings.heartbeat_interval_ms,
+        isolation_level="read_committed",
+        max_partition_fetch_bytes=4 * 1024 * 1024,
+        # A fetch the broker parks for lack of data must not outwait the batch deadline.
+        fetch_max_wait_ms=min(500, max(5, settings.max_batch_wait_ms)),
+    )
+
+
+def open_clients(
+    settings: WorkerSettings,
+    listener: ConsumerRebalanceListener | None,
+    producer_options: dict | None = None,
+) -> KafkaClients:
+    """One attempt: a producer and a consumer subscribed to the input topic.
+    Raises KafkaError or OSError when the broker cannot be reached."""
+    common = {**settings.kafka.client_kwargs(), **ATTEMPT_OPTIONS}
+    producer = KafkaProducer(**common, **producer_config(settings, producer_options))
+    try:
+        consumer = KafkaConsumer(**common, **consumer_config(settings))
+        consumer.subscribe([settings.input_topic], listener=listener)
+    except BaseException:
+        producer.close(timeout=1)
+        raise
+    return KafkaClients(consumer, producer)
