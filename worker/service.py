@@ -201,18 +201,15 @@ class Worker:
             # restart loop), /readyz says not ready
             self.health.beat()
             try:
-                clients = self._open_clients(
-                    s, RebalanceListener(self._assignment, self), self.delivery.producer_options()
+                clients = self._open()
+            except (KafkaError, OSError) as e:
+                log.warning(
+                    "broker_unreachable",
+                    bootstrap=s.kafka.bootstrap_servers,
+                    error=str(e) or type(e).__name__,
+                    retry_in_s=delay,
                 )
-            except (KafkaError, OSError) as e:
-                self._wait_for_broker(e, delay)
-                delay = min(delay * 2, MAX_CONNECT_BACKOFF_S)
-                continue
-            try:
-                self.delivery.prepare(clients.producer)
-            except (KafkaError, OSError) as e:
-                clients.close()
-                self._wait_for_broker(e, delay)
+                self._stop.wait(delay)
                 delay = min(delay * 2, MAX_CONNECT_BACKOFF_S)
                 continue
             self.clients = clients
@@ -226,14 +223,16 @@ class Worker:
             )
             return
 
-    def _wait_for_broker(self, error: Exception, delay: float) -> None:
-        log.warning(
-            "broker_unreachable",
-            bootstrap=self.settings.kafka.bootstrap_servers,
-            error=str(error) or type(error).__name__,
-            retry_in_s=delay,
-        )
-        self._stop.wait(delay)
+    def _open(self) -> KafkaClients:
+        """One connection attempt: clients ready for this worker's delivery strategy."""
+        listener = RebalanceListener(self._assignment, self)
+        clients = self._open_clients(self.settings, listener, self.delivery.producer_options())
+        try:
+            self.delivery.prepare(clients.producer)
+        except BaseException:
+            clients.close()
+            raise
+        return clients
 
     def _close(self) -> None:
         self.watcher.stop()
