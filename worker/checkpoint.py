@@ -258,6 +258,56 @@ def _has_safetensors_header(data: bytes) -> bool:
     return 0 < n <= len(data) - 8 and data[8:9] == b"{"
 
 
+def _header_shapes(name: str, weights: bytes) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Each tensor's (dtype, shape) as the safetensors header declares it, read without
+    loading any tensor."""
+    n = int.from_bytes(weights[:8], "little") if len(weights) >= 8 else 0
+    try:
+        if not _has_safetensors_header(weights):
+            raise ValueError("no header")
+        header = json.loads(weights[8 : 8 + n])
+        return {
+            k: (str(v["dtype"]), tuple(int(d) for d in v["shape"]))
+            for k, v in header.items()
+            if k != "__metadata__"
+        }
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise IntegrityError(f"{name}: {WEIGHTS_FILE} is not valid safetensors: {e}") from None
+
+
+def _check_shapes(
+    name: str, architecture: CAEConfig, got: dict[str, tuple[str, tuple[int, ...]]]
+) -> None:
+    """Every tensor the architecture needs, in the shape it needs, float32.
+
+    The expected shapes come from the model built on the meta device (no memory), so
+    a manifest that declares a huge architecture is refused before anything the size
+    of that architecture is allocated.
+    """
+    with torch.device("meta"):
+        expected = {
+            k: tuple(v.shape) for k, v in ContractiveAutoencoder(architecture).state_dict().items()
+        }
+    shapes = {k: shape for k, (_, shape) in got.items()}
+    if expected != shapes:
+        missing = sorted(set(expected) - set(shapes))
+        extra = sorted(set(shapes) - set(expected))
+        wrong = sorted(k for k in set(expected) & set(shapes) if expected[k] != shapes[k])
+        detail = "; ".join(
+            s
+            for s in (
+                f"missing {missing}" if missing else "",
+                f"unexpected {extra}" if extra else "",
+                ", ".join(f"{k} is {shapes[k]}, expected {expected[k]}" for k in wrong),
+            )
+            if s
+        )
+        raise ShapeMismatch(f"{name}: weights do not fit the architecture: {detail}")
+    for k, (dtype, _) in got.items():
+        if dtype != "F32":
+            raise ShapeMismatch(f"{name}: {k} is {dtype}, expected float32 (F32)")
+
+
 class Checkpoint(BaseModel):
     """A verified checkpoint on the host: manifest plus float32 weights."""
 
@@ -277,8 +327,9 @@ def read_checkpoint(version_dir: str | os.PathLike) -> Checkpoint:
     """Read and verify one version directory. Raises a CheckpointError subclass.
 
     Checks: no pickle-bearing files; manifest parses and is self-consistent;
-    weights' sha256 matches; safetensors header is intact; every tensor has the
-    shape the architecture needs; every weight is finite. (The golden batch is
+    weights' sha256 matches; safetensors header is intact and names every tensor
+    the architecture needs, in its shape, float32 (checked before any tensor is
+    loaded or any model built); every weight is finite. (The golden batch is
     checked by the scorer on its own device: worker.scoring.load_scorer.)
     """
     path = Path(version_dir)
@@ -315,32 +366,12 @@ def read_checkpoint(version_dir: str | os.PathLike) -> Checkpoint:
             f"{path.name}: sha256 of {WEIGHTS_FILE} is {digest[:12]}…, manifest says "
             f"{manifest.weights_sha256[:12]}… (truncated or tampered)"
         )
+    _check_shapes(path.name, manifest.architecture, _header_shapes(path.name, weights))
     try:
         state = st_load(weights)
     except (SafetensorError, ValueError, json.JSONDecodeError) as e:
         raise IntegrityError(f"{path.name}: {WEIGHTS_FILE} is not valid safetensors: {e}") from None
-    expected = {
-        k: tuple(v.shape)
-        for k, v in ContractiveAutoencoder(manifest.architecture).state_dict().items()
-    }
-    got = {k: tuple(v.shape) for k, v in state.items()}
-    if expected != got:
-        missing = sorted(set(expected) - set(got))
-        extra = sorted(set(got) - set(expected))
-        wrong = sorted(k for k in set(expected) & set(got) if expected[k] != got[k])
-        detail = "; ".join(
-            s
-            for s in (
-                f"missing {missing}" if missing else "",
-                f"unexpected {extra}" if extra else "",
-                ", ".join(f"{k} is {got[k]}, expected {expected[k]}" for k in wrong),
-            )
-            if s
-        )
-        raise ShapeMismatch(f"{path.name}: weights do not fit the architecture: {detail}")
     for k, v in state.items():
-        if v.dtype != torch.float32:
-            raise ShapeMismatch(f"{path.name}: {k} is {v.dtype}, expected float32")
         if not torch.isfinite(v).all():
             raise NonFiniteWeights(f"{path.name}: {k} has non-finite values")
     return Checkpoint(path=path, manifest=manifest, state_dict=state)

@@ -20,6 +20,11 @@ class CheckpointWatcher:
     worker's device in this thread. A verified scorer waits in `pending` until the
     loop takes it between two batches; a refused one is logged, counted, and the
     serving model stays.
+
+    Every failure to load a version refuses that version, whatever raised: a
+    checkpoint error is the file's fault; anything else (out of memory, a driver
+    error, a file pruned between LATEST and the read) is logged with its traceback.
+    No version ends the watching; `alive` says whether the thread still runs.
     """
 
     def __init__(
@@ -30,6 +35,7 @@ class CheckpointWatcher:
         poll_s: float,
         metrics: WorkerMetrics,
         cuda_graphs: bool = True,
+        top_k: int = 3,
     ):
         self.model_dir = Path(model_dir)
         self.device = device
@@ -37,6 +43,7 @@ class CheckpointWatcher:
         self.poll_s = poll_s
         self.metrics = metrics
         self.cuda_graphs = cuda_graphs
+        self.top_k = top_k
         self._seen: str | None = None
         self._pending: Scorer | None = None
         self._lock = threading.Lock()
@@ -48,7 +55,7 @@ class CheckpointWatcher:
         """Look at LATEST once; return a newly verified scorer, if any."""
         try:
             version = read_latest(self.model_dir)
-        except (CheckpointError, OSError) as e:
+        except Exception as e:  # unreadable, or not a version name
             if self._seen != "<invalid LATEST>":
                 self._seen = "<invalid LATEST>"
                 self._refuse("<LATEST>", e)
@@ -59,9 +66,13 @@ class CheckpointWatcher:
         t0 = time.perf_counter()
         try:
             scorer = load_scorer(
-                self.model_dir / version, self.device, self.precision, self.cuda_graphs
+                self.model_dir / version,
+                self.device,
+                self.precision,
+                self.cuda_graphs,
+                top_k=self.top_k,
             )
-        except CheckpointError as e:
+        except Exception as e:
             self._refuse(version, e)
             return None
         log.info("model_verified", version=version, seconds=round(time.perf_counter() - t0, 3))
@@ -77,6 +88,8 @@ class CheckpointWatcher:
             reason=reason,
             detail=str(e),
             action="keeping the serving model",
+            # not the file's fault (a bug, the machine): keep the traceback
+            exc_info=None if isinstance(e, CheckpointError) else e,
         )
 
     def wait_for_first(
@@ -98,10 +111,20 @@ class CheckpointWatcher:
 
     def _run(self) -> None:
         while not self._stop.wait(self.poll_s):
-            scorer = self.check_once()
+            try:
+                scorer = self.check_once()
+            except Exception:  # counting or logging a refusal failed: look again next poll
+                log.exception("checkpoint_watch_failed", model_dir=str(self.model_dir))
+                continue
             if scorer is not None:
                 with self._lock:
                     self._pending = scorer
+
+    @property
+    def alive(self) -> bool:
+        """False once the watcher's thread has ended while it should be running
+        (True before start and after stop)."""
+        return self._stop.is_set() or not self._thread.ident or self._thread.is_alive()
 
     def take(self) -> Scorer | None:
         with self._lock:

@@ -451,11 +451,16 @@ def load_scorer(
     device: torch.device | str = "cpu",
     precision: Precision = "fp32",
     cuda_graphs: bool = True,
+    top_k: int = 3,
 ) -> Scorer:
     """Read, verify and build a scorer; the golden batch must reproduce on `device`
     (through the CUDA graph path when that is on)."""
     scorer = Scorer(
-        read_checkpoint(version_dir), device=device, precision=precision, cuda_graphs=cuda_graphs
+        read_checkpoint(version_dir),
+        device=device,
+        precision=precision,
+        cuda_graphs=cuda_graphs,
+        top_k=top_k,
     )
     verify_golden(scorer)
     return scorer
