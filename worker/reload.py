@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import structlog
@@ -93,12 +94,17 @@ class CheckpointWatcher:
         )
 
     def wait_for_first(
-        self, timeout_s: float, stop: threading.Event | None = None
+        self,
+        timeout_s: float,
+        stop: threading.Event | None = None,
+        beat: Callable[[], None] = lambda: None,
     ) -> Scorer | None:
+        """The first verified scorer, waiting up to timeout_s; `beat` is called while
+        waiting (waiting for a model is alive, not stalled)."""
         deadline = time.monotonic() + timeout_s
         announced = False
         while True:
-            self.metrics.heartbeat()  # waiting for a model is alive, not stalled
+            beat()
             scorer = self.check_once()
             if scorer is not None:
                 return scorer
