@@ -44,7 +44,7 @@ eval: $(STAMP)
 	$(PY) -m training.evaluate
 
 demo: $(STAMP)
-	$(PY) -m training.demo
+	$(PY) -m deploy.demo
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

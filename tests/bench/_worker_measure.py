@@ -15,8 +15,8 @@ import orjson
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.structs import TopicPartition
 
+from deploy.embedded_broker import stop_process
 from tests.bench.common import REPO
-from worker.broker import stop_process
 
 SAMPLE_S = 0.05
 CLIENTS = [sys.executable, "-m", "tests.bench._worker_clients"]

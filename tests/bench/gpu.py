@@ -405,8 +405,8 @@ def worker_section(run: Run, version_dir: Path, tmp: Path) -> None:
         from kafka import KafkaAdminClient
         from kafka.admin import NewTopic
 
+        from deploy.embedded_broker import EmbeddedBroker
         from tests.bench._worker_measure import CLIENTS, Probe, end_offset, run_loop
-        from worker.broker import EmbeddedBroker
     except ImportError as e:
         run.results["skipped"]["worker"] = f"cannot import the broker or kafka client: {e}"
         log(f"skipping worker: {e}")

@@ -46,6 +46,7 @@ import numpy as np
 from kafka import KafkaAdminClient
 from kafka.admin import NewTopic
 
+from deploy.embedded_broker import EmbeddedBroker
 from tests.bench._worker_measure import (
     CLIENTS,
     SAMPLE_S,
@@ -56,7 +57,6 @@ from tests.bench._worker_measure import (
     run_group,
 )
 from tests.bench.common import REPO, machine, markdown_table, now_iso, ratio, write_results
-from worker.broker import EmbeddedBroker
 
 NAME = "worker"
 DIM = 64

@@ -6,9 +6,9 @@ import jsonschema
 import numpy as np
 import pytest
 
+from deploy.embedded_broker import EmbeddedBroker
 from tests.integration.kafka_helpers import copy_model_dir, create_topics, unique
 from training.fit import TrainConfig, fit
-from worker.broker import EmbeddedBroker
 from worker.checkpoint import publish
 from worker.events import event_schema
 

@@ -39,7 +39,7 @@ def test_demo_scores_every_record_reloads_and_reports(tmp_path):
         [
             sys.executable,
             "-m",
-            "training.demo",
+            "deploy.demo",
             "--records",
             "6000",  # the reload at 3000 leaves the new model 3 s of stream
             "--rate",
@@ -73,7 +73,7 @@ def test_ctrl_c_mid_stream_stops_everything_the_demo_started(tmp_path):
     marker = f"CAE_DEMO_TEST={uuid.uuid4().hex}"
     key, value = marker.split("=")
     demo = subprocess.Popen(
-        [sys.executable, "-m", "training.demo", "--records", "100000", "--rate", "500"]
+        [sys.executable, "-m", "deploy.demo", "--records", "100000", "--rate", "500"]
         + ["--train-rows", "3000", "--out", str(tmp_path / "out")],
         cwd=ROOT,
         env=_env(**{key: value}),

@@ -34,6 +34,7 @@ from kafka import KafkaConsumer
 from kafka.structs import TopicPartition
 from safetensors.torch import save as st_save
 
+from deploy.embedded_broker import EmbeddedBroker, free_port
 from tests.integration.conftest import DIM, FEATURES, normal_rows
 from tests.integration.kafka_helpers import (
     broker_hides_aborted,
@@ -53,7 +54,6 @@ from tests.integration.kafka_helpers import (
 )
 from tests.integration.tcp_proxy import TcpProxy
 from worker import codec
-from worker.broker import EmbeddedBroker, free_port
 from worker.checkpoint import LATEST_FILE, MANIFEST_FILE, WEIGHTS_FILE, publish, sha256_bytes
 from worker.model import CAEConfig, ContractiveAutoencoder
 from worker.service import Worker

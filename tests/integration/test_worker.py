@@ -13,6 +13,7 @@ import pytest
 from kafka.errors import KafkaConnectionError, KafkaError
 from kafka.future import Future
 
+from deploy.embedded_broker import free_port
 from tests.integration.conftest import DIM, FEATURES, normal_rows
 from tests.integration.kafka_helpers import (
     broker_hides_aborted,
@@ -29,7 +30,6 @@ from tests.integration.kafka_helpers import (
     worker_settings,
 )
 from worker import codec
-from worker.broker import free_port
 from worker.checkpoint import LATEST_FILE, WEIGHTS_FILE, publish
 from worker.service import Worker
 from worker.settings import WorkerSettings

@@ -470,8 +470,8 @@ def _wait(predicate, timeout_s: float, what: str, proc: subprocess.Popen | None 
 @pytest.mark.integration
 def test_compose_worker_command_scores_and_drains_on_sigterm(compose, tmp_path):
     from deploy.demo_producer import FeatureStream
+    from deploy.embedded_broker import EmbeddedBroker
     from training.fit import TrainConfig, fit
-    from worker.broker import EmbeddedBroker
     from worker.checkpoint import publish
 
     dim = 16  # the demo producer's default width
@@ -498,7 +498,7 @@ def test_compose_worker_command_scores_and_drains_on_sigterm(compose, tmp_path):
         env = _container_env({**env_of(worker_svc), **override, "WORKER_MODEL_DIR": str(model_dir)})
         port = int(env["WORKER_METRICS_PORT"])
         if not _free(port):  # another process holds 9100 on this machine; the only other change
-            port = __import__("worker.broker", fromlist=["free_port"]).free_port()
+            port = __import__("deploy.embedded_broker", fromlist=["free_port"]).free_port()
             env["WORKER_METRICS_PORT"] = str(port)
         log_path = tmp_path / "worker.log"
         with open(log_path, "wb") as log:

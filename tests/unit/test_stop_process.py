@@ -2,7 +2,7 @@ import signal
 import subprocess
 import sys
 
-from worker.broker import stop_process
+from deploy.embedded_broker import stop_process
 
 
 def _child(code: str) -> subprocess.Popen:

