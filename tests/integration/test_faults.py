@@ -528,6 +528,7 @@ BAD_KINDS = {
     "truncated": "IntegrityError",
     "tampered": "IntegrityError",
     "wrong_dimension": "ShapeMismatch",
+    "huge_architecture": "ShapeMismatch",
     "pickle_weights": "UnsafePayload",
     "pickle_file": "UnsafePayload",
 }
@@ -560,6 +561,10 @@ def _publish_bad(kind: str, model_dir: Path, staging: Path, trained, canary: Pat
         weights.write_bytes(data)
         manifest = json.loads((d / MANIFEST_FILE).read_text())
         manifest["weights_sha256"] = sha256_bytes(data)  # consistent, but the wrong shape
+        (d / MANIFEST_FILE).write_text(json.dumps(manifest))
+    elif kind == "huge_architecture":  # intact weights; the manifest declares a vast code
+        manifest = json.loads((d / MANIFEST_FILE).read_text())
+        manifest["architecture"]["code_dim"] = 10**11
         (d / MANIFEST_FILE).write_text(json.dumps(manifest))
     elif kind == "pickle_weights":
         data = pickle.dumps(_Canary(canary), protocol=2)
