@@ -27,7 +27,8 @@ from kafka.structs import TopicPartition
 
 from deploy.embedded_broker import EmbeddedBroker, free_port, stop_process
 from deploy.sensor_stream import KINDS, SENSORS, SensorStream
-from training.fit import TrainConfig, fit
+from training.config import TrainConfig
+from training.fit import fit
 from worker.checkpoint import publish
 from worker.codec import encode_json
 

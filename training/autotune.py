@@ -24,6 +24,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from training.config import TrainConfig
+from training.train_loop import train_model
 from worker.scoring import errors_to_score
 
 CANDIDATES: tuple[float, ...] = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0)
@@ -39,13 +41,11 @@ def _subsample(x: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
 def denoising_errors(
     x_train: np.ndarray,
     x_val: np.ndarray,
-    config,
+    config: TrainConfig,
     candidates: Sequence[float] = CANDIDATES,
     sigma: float = NOISE_SIGMA,
 ) -> dict[float, float]:
     """Mean held-out denoising score for each candidate λ (scaled rows in, float out)."""
-    from training.fit import train_model
-
     rng = np.random.default_rng([config.seed, 2718])
     xt = _subsample(x_train, MAX_ROWS, rng)
     xv = _subsample(x_val, MAX_ROWS, rng)
@@ -65,7 +65,7 @@ def denoising_errors(
     return out
 
 
-def choose_penalty_weight(x_train: np.ndarray, x_val: np.ndarray, config) -> float:
+def choose_penalty_weight(x_train: np.ndarray, x_val: np.ndarray, config: TrainConfig) -> float:
     """The candidate λ with the lowest held-out denoising error (ties: the smaller λ)."""
     errors = denoising_errors(x_train, x_val, config)
     return min(errors, key=lambda lam: (errors[lam], lam))

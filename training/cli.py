@@ -19,20 +19,23 @@ import numpy as np
 import structlog
 import torch
 from pydantic import ValidationError
-from pydantic_settings import CliApp, SettingsError
+from pydantic_settings import SettingsError
 
-from training.fit import DataError, FitResult, TrainConfig, fit, split_holdout
+from training.config import TrainConfig
+from training.fit import DataError, FitResult, fit, split_holdout
 from training.report import build_report, write_report
 from training.settings import (
     PROG,
     REPORTS_DIRNAME,
+    FlagError,
     TrainerSettings,
+    parse_cli,
     settings_error_message,
     train_config_error_message,
 )
 from worker.checkpoint import list_versions, publish
 from worker.datafile import Dataset, load_dataset
-from worker.logs import stderr_lines
+from worker.logs import configure_logging
 from worker.scoring import Scorer, load_scorer
 
 EXIT_USAGE = 2
@@ -48,7 +51,9 @@ class UsageError(Exception):
 
 def main(argv: list[str] | None = None) -> int:
     interactive = sys.stderr.isatty()
-    configure_logging(interactive)
+    # The worker's set-up: readable on a terminal, JSON lines otherwise, and the same
+    # filters on kafka-python's lines (--from-kafka).
+    configure_logging(json=not interactive)
     try:
         settings = parse_settings(sys.argv[1:] if argv is None else argv)
         config = train_config(settings)
@@ -74,10 +79,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def parse_settings(argv: list[str]) -> TrainerSettings:
     try:
-        settings = CliApp.run(TrainerSettings, cli_args=argv)
-    except SettingsError as e:
-        detail = str(e).removeprefix("error parsing CLI: ")
-        raise UsageError(f"{detail} (see {PROG} --help)") from None
+        settings = parse_cli(argv)
+    except FlagError as e:
+        raise UsageError(f"{e} (see {PROG} --help)") from None
+    except SettingsError as e:  # a variable that cannot be decoded
+        raise UsageError(str(e)) from None
     except ValidationError as e:
         raise UsageError(settings_error_message(e)) from None
     return settings
@@ -185,8 +191,8 @@ def kafka_cycle(settings: TrainerSettings, config: TrainConfig, interactive: boo
     records = read_snapshot(
         settings.kafka,
         settings.input_topic,
-        settings.max_records or 20_000,
-        settings.max_seconds or 120.0,
+        settings.max_records,
+        settings.max_seconds,
     )
     snap = snapshot_rows(records, live)
     log.info(
@@ -292,19 +298,3 @@ class EpochProgress:
     def __exit__(self, *exc) -> None:
         if self._bar is not None:
             self._bar.close()
-
-
-def configure_logging(interactive: bool) -> None:
-    """structlog to stderr: readable on a terminal, one JSON object per line otherwise."""
-    renderer = (
-        structlog.dev.ConsoleRenderer() if interactive else structlog.processors.JSONRenderer()
-    )
-    structlog.configure(
-        processors=[
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            renderer,
-        ],
-        logger_factory=stderr_lines,
-        cache_logger_on_first_use=False,
-    )

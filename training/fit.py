@@ -6,53 +6,22 @@ This is the library the CLI (training.__main__) and the evaluation harness call.
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
-import torch
-from pydantic import BaseModel, ConfigDict, Field
 
-from training.penalty import PenaltyMode, cae_loss
+from training.autotune import choose_penalty_weight
+from training.config import TrainConfig
+from training.train_loop import History, train_model
 from worker.checkpoint import Checkpoint, Golden, Manifest, Scaler, calibration_summary
 from worker.datafile import DataError  # noqa: F401 - re-exported for the trainer
-from worker.model import Activation, CAEConfig, ContractiveAutoencoder
-from worker.scoring import ScoreKind, Scorer
+from worker.model import ContractiveAutoencoder
+from worker.scoring import Scorer
 
 GOLDEN_ROWS = 8
-
-
-class TrainConfig(BaseModel):
-    """Hyper-parameters of one training run. Defaults serve every data set."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    code_dim: int | None = Field(default=None, gt=0)  # None: sized by input (CAEConfig.for_input)
-    hidden: tuple[int, ...] = ()
-    activation: Activation = "sigmoid"
-    penalty_weight: float | Literal["auto"] = 0.1
-    penalty_mode: PenaltyMode = "closed"
-    n_projections: int = Field(default=1, gt=0)
-    scaler: Literal["standard", "robust"] = "standard"
-    score: ScoreKind = "mae"
-    max_epochs: int = Field(default=300, gt=0)
-    patience: int = Field(default=20, gt=0)
-    batch_size: int = Field(default=128, gt=0)
-    lr: float = Field(default=3e-3, gt=0)
-    weight_decay: float = Field(default=0.0, ge=0)
-    holdout_fraction: float = Field(default=0.25, gt=0, lt=1)
-    target_fpr: float = Field(default=0.01, gt=0, lt=1)
-    seed: int = 0
-
-    def architecture(self, input_dim: int) -> CAEConfig:
-        over = {"hidden": self.hidden, "activation": self.activation}
-        if self.code_dim is not None:
-            over["code_dim"] = self.code_dim
-        return CAEConfig.for_input(input_dim, **over)
 
 
 def fit_scaler(x: np.ndarray, kind: str = "standard") -> Scaler:
@@ -76,15 +45,6 @@ def apply_scaler(x: np.ndarray, scaler: Scaler) -> np.ndarray:
 
 
 @dataclass
-class History:
-    train_loss: list[float] = field(default_factory=list)
-    train_recon: list[float] = field(default_factory=list)
-    train_penalty: list[float] = field(default_factory=list)
-    val_loss: list[float] = field(default_factory=list)
-    best_epoch: int = 0
-
-
-@dataclass
 class FitResult:
     model: ContractiveAutoencoder
     manifest: Manifest  # version/created_at/sha256 filled in by checkpoint.publish
@@ -103,58 +63,6 @@ def split_holdout(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.nd
     order = rng.permutation(n)
     n_hold = max(1, int(round(n * fraction)))
     return np.sort(order[n_hold:]), np.sort(order[:n_hold])
-
-
-def train_model(
-    x_train: np.ndarray,
-    x_val: np.ndarray,
-    config: TrainConfig,
-    penalty_weight: float,
-    on_epoch: Callable[[int, float, float], None] | None = None,
-) -> tuple[ContractiveAutoencoder, History]:
-    """Train on scaled rows with early stopping on the validation loss."""
-    torch.manual_seed(config.seed)
-    gen = torch.Generator().manual_seed(config.seed)
-    model = ContractiveAutoencoder(config.architecture(x_train.shape[1]))
-    opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    xt = torch.from_numpy(x_train)
-    xv = torch.from_numpy(x_val)
-    history = History()
-    best_state, best_val, stale = copy.deepcopy(model.state_dict()), math.inf, 0
-    n = len(xt)
-    for epoch in range(config.max_epochs):
-        model.train()
-        perm = torch.randperm(n, generator=gen)
-        sums = np.zeros(3)
-        for start in range(0, n, config.batch_size):
-            xb = xt[perm[start : start + config.batch_size]]
-            loss, recon, pen = cae_loss(
-                model, xb, penalty_weight, config.penalty_mode, config.n_projections, gen
-            )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sums += np.array([loss.item(), recon.item(), pen.item()]) * len(xb)
-        model.eval()
-        # Validation uses the exact penalty (closed form), whatever mode trains.
-        with torch.enable_grad():
-            val_loss = cae_loss(model, xv, penalty_weight, "closed")[0].item()
-        history.train_loss.append(sums[0] / n)
-        history.train_recon.append(sums[1] / n)
-        history.train_penalty.append(sums[2] / n)
-        history.val_loss.append(val_loss)
-        if on_epoch:
-            on_epoch(epoch, sums[0] / n, val_loss)
-        # inf - inf is nan, so the first epoch is taken explicitly.
-        if epoch == 0 or val_loss < best_val - 1e-6 * abs(best_val):
-            best_val, stale, history.best_epoch = val_loss, 0, epoch
-            best_state = copy.deepcopy(model.state_dict())
-        else:
-            stale += 1
-            if stale >= config.patience:
-                break
-    model.load_state_dict(best_state)
-    return model.eval(), history
 
 
 def calibrate_threshold(scores: np.ndarray, target_fpr: float) -> float:
@@ -192,8 +100,6 @@ def fit(
     scaler = fit_scaler(x[train_idx], config.scaler)
     xs = apply_scaler(x, scaler)
     if config.penalty_weight == "auto":
-        from training.autotune import choose_penalty_weight
-
         weight = choose_penalty_weight(xs[train_idx], xs[hold_idx], config)
     else:
         weight = float(config.penalty_weight)

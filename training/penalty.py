@@ -27,15 +27,12 @@ gradient reaches every encoder layer.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 from torch.autograd.function import once_differentiable
 from torch.func import jacrev, jvp, vmap
 
+from training.config import PenaltyMode
 from worker.model import ContractiveAutoencoder
-
-PenaltyMode = Literal["closed", "exact", "estimate"]
 
 
 def activation_derivative(activation: str, pre: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

@@ -1,20 +1,23 @@
 """The trainer's settings: environment (TRAINER_*, KAFKA_*) and CLI flags, one class.
 
-Hyper-parameters left unset fall through to `training.fit.TrainConfig`'s defaults,
-so the defaults live in one place. Tests build the settings from keyword arguments.
+The command line is a hand-written argparse parser (help with the real defaults);
+the flags it was given become keyword arguments of the frozen settings, which read
+everything else from the environment. Hyper-parameters default to
+`training.config.TrainConfig`'s, so the defaults live in one place. Tests build the
+settings from keyword arguments. Nothing here imports torch.
 """
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, CliSuppress, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from training.fit import TrainConfig
-from training.penalty import PenaltyMode
-from worker.model import Activation
+from training.config import PenaltyMode, ScalerKind, TrainConfig
+from worker.model_config import Activation
 from worker.settings import KafkaSettings, settings_error_line
 
 ENV_PREFIX = "TRAINER_"
@@ -23,103 +26,70 @@ REPORTS_DIRNAME = ".reports"  # dot-prefixed: never mistaken for a checkpoint ve
 
 # Settings fields whose TrainConfig name differs.
 _TRAIN_CONFIG_NAMES = {"epochs": "max_epochs", "projections": "n_projections"}
+HYPER_PARAMETERS = (
+    "target_fpr", "penalty_weight", "penalty_mode", "projections", "seed", "epochs",
+    "patience", "batch_size", "lr", "code_dim", "hidden", "activation", "scaler",
+)  # fmt: skip
+
+
+def _default(name: str):
+    """TrainConfig's default for the settings field `name`."""
+    return TrainConfig.model_fields[_TRAIN_CONFIG_NAMES.get(name, name)].default
 
 
 class TrainerSettings(BaseSettings):
-    """python -m training --data FILE --out MODEL_DIR [options]"""
+    """What one `python -m training` run does; see build_parser() for each flag."""
 
-    model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX,
-        frozen=True,
-        extra="ignore",
-        cli_prog_name=PROG,
-        cli_kebab_case=True,
-        cli_implicit_flags=True,
-        cli_exit_on_error=False,
-    )
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="ignore")
 
     # Kafka connection (KAFKA_* only, shared with the worker); used by --from-kafka.
-    kafka: CliSuppress[KafkaSettings] = Field(default_factory=KafkaSettings)
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
 
-    data: Path | None = Field(
-        default=None,
-        description="training data: .csv (header of feature names), .npy, .npz or .parquet",
-    )
-    out: Path = Field(
-        default=Path("./models"), description="model directory to publish into (WORKER_MODEL_DIR)"
-    )
-    keep: int = Field(
-        default=5, ge=1, description="published versions to keep; older ones are pruned"
-    )
-    report_dir: Path | None = Field(
-        default=None,
-        description=f"where report.json and plots go (default: OUT/{REPORTS_DIRNAME}/VERSION)",
-    )
-    label_column: str | None = Field(
-        default=None,
-        description="column with 0/1 labels, 1 = anomaly (default: 'label' if present)",
-    )
-    id_column: str | None = Field(
-        default=None, description="column with row ids (default: 'id' if present)"
-    )
+    data: Path | None = None
+    out: Path = Path("./models")
+    keep: int = Field(default=5, ge=1)
+    report_dir: Path | None = None  # None: OUT/.reports/VERSION
+    label_column: str | None = None  # None: 'label' if present
+    id_column: str | None = None  # None: 'id' if present
 
-    # Hyper-parameters: unset means TrainConfig's default.
-    target_fpr: float | None = Field(
-        default=None, gt=0, lt=1, description="false-positive rate the threshold targets"
-    )
-    penalty_weight: float | Literal["auto"] | None = Field(
-        default=None, description="λ of the contractive penalty, a number ≥ 0 or 'auto'"
-    )
-    penalty_mode: PenaltyMode | None = Field(default=None, description="closed | exact | estimate")
-    projections: int | None = Field(
-        default=None, gt=0, description="random projections per row (estimate mode)"
-    )
-    seed: int | None = Field(
-        default=None, description="random seed; same seed, same data → same model"
-    )
-    epochs: int | None = Field(default=None, gt=0, description="maximum training epochs")
-    patience: int | None = Field(
-        default=None, gt=0, description="early-stopping patience in epochs"
-    )
-    batch_size: int | None = Field(default=None, gt=0, description="training batch size")
-    lr: float | None = Field(default=None, gt=0, description="Adam learning rate")
-    code_dim: int | None = Field(
-        default=None, gt=0, description="code width (default: sized by the input)"
-    )
-    hidden: tuple[int, ...] | None = Field(
-        default=None, description="encoder hidden widths, e.g. 128,64"
-    )
-    activation: Activation | None = Field(default=None, description="encoder activation")
-    scaler: Literal["standard", "robust"] | None = Field(default=None, description="input scaler")
-    torch_threads: int = Field(
-        default=1,
-        ge=1,
-        le=256,
-        description="CPU threads for training (1 is fastest for small models)",
-    )
+    target_fpr: float = Field(default=_default("target_fpr"), gt=0, lt=1)
+    penalty_weight: float | Literal["auto"] = _default("penalty_weight")
+    penalty_mode: PenaltyMode = _default("penalty_mode")
+    projections: int = Field(default=_default("projections"), gt=0)
+    seed: int = _default("seed")
+    epochs: int = Field(default=_default("epochs"), gt=0)
+    patience: int = Field(default=_default("patience"), gt=0)
+    batch_size: int = Field(default=_default("batch_size"), gt=0)
+    lr: float = Field(default=_default("lr"), gt=0)
+    code_dim: int | None = Field(default=_default("code_dim"), gt=0)
+    # NoDecode: the variable is "128,64" like the flag, not JSON.
+    hidden: Annotated[tuple[int, ...], NoDecode] = _default("hidden")
+    activation: Activation = _default("activation")
+    scaler: ScalerKind = _default("scaler")
+    torch_threads: int = Field(default=1, ge=1, le=256)
 
     # Retraining from the input topic, once or periodically.
-    from_kafka: bool = Field(
-        default=False,
-        description="train on a bounded snapshot of the input topic; publish only if not worse than the live model",
-    )
-    input_topic: str = Field(
-        default="features", description="--from-kafka: the topic to read (WORKER_INPUT_TOPIC)"
-    )
-    max_records: int | None = Field(
-        default=None, gt=0, description="--from-kafka: stop after N records"
-    )
-    max_seconds: float | None = Field(
-        default=None, gt=0, description="--from-kafka: stop after N seconds"
-    )
-    every_seconds: float | None = Field(
-        default=None, gt=0, description="periodic mode: retrain every N seconds"
-    )
+    from_kafka: bool = False
+    input_topic: str = "features"
+    max_records: int = Field(default=20_000, gt=0)
+    max_seconds: float = Field(default=120.0, gt=0)
+    every_seconds: float | None = Field(default=None, gt=0)  # None: one cycle
+
+    @field_validator("hidden", mode="before")
+    @classmethod
+    def _hidden(cls, v: object) -> object:
+        if isinstance(v, str):
+            widths = v.strip().strip("[]()").replace(",", " ").split()
+            try:
+                return tuple(int(w) for w in widths)
+            except ValueError:
+                raise ValueError("allowed: layer widths separated by commas, e.g. 128,64") from None
+        return v
 
     @field_validator("penalty_weight", mode="before")
     @classmethod
     def _penalty_weight(cls, v: object) -> object:
-        if v is None or isinstance(v, int | float):
+        if isinstance(v, int | float):
             weight = v
         elif isinstance(v, str) and v.strip().lower() == "auto":
             return "auto"
@@ -128,7 +98,7 @@ class TrainerSettings(BaseSettings):
                 weight = float(str(v))
             except ValueError:
                 raise ValueError("allowed: a number ≥ 0 or 'auto'") from None
-        if weight is not None and not (weight >= 0 and weight != float("inf")):
+        if not (weight >= 0 and weight != float("inf")):
             raise ValueError("allowed: a number ≥ 0 or 'auto'")
         return weight
 
@@ -143,32 +113,175 @@ class TrainerSettings(BaseSettings):
         return self
 
     def train_config(self) -> TrainConfig:
-        """The hyper-parameters given, on top of TrainConfig's defaults."""
-        given = {
-            _TRAIN_CONFIG_NAMES.get(name, name): getattr(self, name)
-            for name in (
-                "target_fpr",
-                "penalty_weight",
-                "penalty_mode",
-                "projections",
-                "seed",
-                "epochs",
-                "patience",
-                "batch_size",
-                "lr",
-                "code_dim",
-                "hidden",
-                "activation",
-                "scaler",
-            )  # fmt: skip
-            if getattr(self, name) is not None
-        }
-        return TrainConfig(**given)
+        """The hyper-parameters as TrainConfig names them."""
+        return TrainConfig(
+            **{
+                _TRAIN_CONFIG_NAMES.get(name, name): getattr(self, name)
+                for name in HYPER_PARAMETERS
+            }
+        )
 
     def report_dir_for(self, version: str) -> Path:
         return (
             self.report_dir if self.report_dir is not None else self.out / REPORTS_DIRNAME / version
         )
+
+
+class FlagError(Exception):
+    """A command line the parser refuses (an unknown flag, a flag without its value)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse would print the usage and exit
+        raise FlagError(message)
+
+
+def _choices(literal) -> str:
+    return "{" + ",".join(get_args(literal)) + "}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The trainer's flags. A flag not given is left out of the result (argument_default
+    SUPPRESS), so the environment and the settings' defaults fill it."""
+    p = _Parser(
+        prog=PROG,
+        usage=f"{PROG} (--data FILE | --from-kafka) [--out DIR] [options]",
+        description="Train a contractive autoencoder on normal rows, calibrate its threshold, "
+        "publish a verified checkpoint and write a report. stdout: the published version.",
+        epilog=f"Every flag can be set in the environment instead: {ENV_PREFIX} and the flag's "
+        f"name in capitals (--target-fpr → {ENV_PREFIX}TARGET_FPR); --hidden takes the same "
+        "128,64 there. The Kafka connection comes from KAFKA_*, as for the worker.",
+        argument_default=argparse.SUPPRESS,
+        allow_abbrev=False,
+    )
+    d = TrainerSettings.model_fields
+
+    def default(name: str) -> str:
+        return f"(default: {d[name].default})"
+
+    io = p.add_argument_group("data and output")
+    io.add_argument(
+        "--data",
+        metavar="FILE",
+        help="training data: .csv (header of feature names), .npy, .npz or .parquet; "
+        "required unless --from-kafka",
+    )
+    io.add_argument(
+        "--out",
+        metavar="DIR",
+        help=f"model directory to publish into, the worker's WORKER_MODEL_DIR {default('out')}",
+    )
+    io.add_argument(
+        "--keep",
+        metavar="N",
+        help=f"published versions to keep; older ones are pruned {default('keep')}",
+    )
+    io.add_argument(
+        "--report-dir",
+        metavar="DIR",
+        help=f"where report.json and the plots go (default: OUT/{REPORTS_DIRNAME}/VERSION)",
+    )
+    io.add_argument(
+        "--label-column",
+        metavar="NAME",
+        help="column of 0/1 labels, 1 = anomaly; labelled anomalies are left out of training "
+        "and used for the report (default: 'label' if present)",
+    )
+    io.add_argument(
+        "--id-column", metavar="NAME", help="column of row ids (default: 'id' if present)"
+    )
+
+    m = p.add_argument_group("model and training")
+    m.add_argument(
+        "--target-fpr",
+        metavar="FPR",
+        help=f"false-positive rate the threshold targets {default('target_fpr')}",
+    )
+    m.add_argument(
+        "--penalty-weight",
+        metavar="WEIGHT",
+        help=f"λ of the contractive penalty, a number ≥ 0 or 'auto' {default('penalty_weight')}",
+    )
+    m.add_argument(
+        "--penalty-mode",
+        metavar=_choices(PenaltyMode),
+        help=f"how the penalty is computed {default('penalty_mode')}",
+    )
+    m.add_argument(
+        "--projections",
+        metavar="N",
+        help=f"random projections per row, estimate mode {default('projections')}",
+    )
+    m.add_argument(
+        "--seed",
+        metavar="N",
+        help=f"random seed; same seed, same data → same model {default('seed')}",
+    )
+    m.add_argument("--epochs", metavar="N", help=f"maximum training epochs {default('epochs')}")
+    m.add_argument(
+        "--patience", metavar="N", help=f"early-stopping patience in epochs {default('patience')}"
+    )
+    m.add_argument("--batch-size", metavar="N", help=f"training batch size {default('batch_size')}")
+    m.add_argument("--lr", metavar="RATE", help=f"Adam learning rate {default('lr')}")
+    m.add_argument(
+        "--code-dim",
+        metavar="N",
+        help="code width (default: a quarter of the input width, 4 to 128)",
+    )
+    m.add_argument(
+        "--hidden",
+        metavar="N,N,...",
+        help="encoder hidden layer widths, e.g. 128,64 (default: none, the input feeds the code)",
+    )
+    m.add_argument(
+        "--activation",
+        metavar=_choices(Activation),
+        help=f"encoder activation {default('activation')}",
+    )
+    m.add_argument(
+        "--scaler", metavar=_choices(ScalerKind), help=f"input scaler {default('scaler')}"
+    )
+    m.add_argument(
+        "--torch-threads",
+        metavar="N",
+        help=f"CPU threads for training; 1 is fastest for small models {default('torch_threads')}",
+    )
+
+    k = p.add_argument_group("retraining from the input topic")
+    k.add_argument(
+        "--from-kafka",
+        action=argparse.BooleanOptionalAction,
+        help="train on a bounded snapshot of the input topic; publish only if not worse than "
+        "the live model in --out",
+    )
+    k.add_argument(
+        "--input-topic",
+        metavar="TOPIC",
+        help=f"the topic to read, the worker's WORKER_INPUT_TOPIC {default('input_topic')}",
+    )
+    k.add_argument(
+        "--max-records",
+        metavar="N",
+        help=f"snapshot: at most the newest N records {default('max_records')}",
+    )
+    k.add_argument(
+        "--max-seconds",
+        metavar="S",
+        help=f"snapshot: read for at most S seconds {default('max_seconds')}",
+    )
+    k.add_argument(
+        "--every-seconds",
+        metavar="S",
+        help="retrain every S seconds until SIGTERM (default: once, then exit)",
+    )
+    return p
+
+
+def parse_cli(argv: list[str]) -> TrainerSettings:
+    """Settings from the command line and the environment. Raises FlagError for a
+    command line argparse refuses and ValidationError for a value the settings refuse."""
+    given = vars(build_parser().parse_args(argv))
+    return TrainerSettings(**given)
 
 
 def settings_error_message(exc: ValidationError) -> str:

@@ -1,14 +1,14 @@
-"""The contractive autoencoder module: layers and forward, no training logic."""
+"""The contractive autoencoder module: layers and forward, no training logic.
+
+Its plain description (CAEConfig, Activation) lives in worker.model_config.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-Activation = Literal["sigmoid", "tanh", "relu", "softplus", "elu"]
+from worker.model_config import CAEConfig
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {
     "sigmoid": nn.Sigmoid,
@@ -17,34 +17,6 @@ _ACTIVATIONS: dict[str, type[nn.Module]] = {
     "softplus": nn.Softplus,
     "elu": nn.ELU,
 }
-
-
-class CAEConfig(BaseModel):
-    """Plain architecture description; travels in the checkpoint manifest."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    input_dim: int = Field(gt=0)
-    code_dim: int = Field(gt=0)
-    # Encoder layers between input and code; the decoder mirrors them.
-    hidden: tuple[int, ...] = ()
-    activation: Activation = "sigmoid"
-
-    @classmethod
-    def for_input(cls, input_dim: int, **overrides) -> CAEConfig:
-        """Default architecture sized by the input: one sigmoid encoder layer.
-
-        A single elementwise layer keeps the contractive penalty in closed form. The
-        code is a quarter of the input width (at least 4, at most 128): on the
-        evaluation sets (docs/eval) a narrow code separated anomalies better than an
-        overcomplete one or a half-width one, with or without the penalty.
-        """
-        overrides.setdefault("code_dim", max(4, min(128, input_dim // 4)))
-        return cls(input_dim=input_dim, **overrides)
-
-    @property
-    def encoder_sizes(self) -> list[int]:
-        return [self.input_dim, *self.hidden, self.code_dim]
 
 
 class ContractiveAutoencoder(nn.Module):

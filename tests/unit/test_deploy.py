@@ -28,10 +28,10 @@ import pytest
 import yaml
 from compose_spec import PyCompose, parse_duration
 from pydantic import BaseModel
-from pydantic_settings import BaseSettings, CliApp
+from pydantic_settings import BaseSettings
 
 from tests.integration.kafka_helpers import metric_total
-from training.settings import TrainerSettings
+from training.settings import TrainerSettings, parse_cli
 from worker.settings import KafkaSettings, WorkerSettings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -124,7 +124,7 @@ def build_settings(monkeypatch, settings_cls: type[BaseSettings], env: dict[str,
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     if settings_cls is TrainerSettings:
-        return CliApp.run(TrainerSettings, cli_args=list(args))
+        return parse_cli(list(args))
     return settings_cls()
 
 

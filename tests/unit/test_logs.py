@@ -97,3 +97,20 @@ def test_each_structured_line_is_one_write_to_the_current_stderr(monkeypatch):
             assert orjson.loads(stream.calls[0]) == {"event": "batch_scored", "n": 3}
     finally:
         structlog.reset_defaults()
+
+
+def test_the_trainer_configures_the_same_filters_as_the_worker(monkeypatch, capsys):
+    """--from-kafka runs kafka-python in the trainer: its lines need the same filters."""
+    from training.cli import main
+
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [])  # basicConfig adds a handler only to a bare root
+    try:
+        assert main(["--no-such-flag"]) == 2
+        filters = [f for h in root.handlers for f in h.filters]
+        assert any(isinstance(f, RepeatFilter) for f in filters) and fold_traceback in filters
+    finally:
+        for h in root.handlers:
+            h.close()
+        structlog.reset_defaults()
+    assert capsys.readouterr().err.startswith("error: unrecognized arguments: --no-such-flag")

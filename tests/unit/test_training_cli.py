@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from training.cli import main
-from training.settings import REPORTS_DIRNAME
+from training.config import TrainConfig
+from training.settings import REPORTS_DIRNAME, parse_cli
 from worker.checkpoint import MANIFEST_FILE, WEIGHTS_FILE, read_latest
 from worker.scoring import load_scorer
 
@@ -200,3 +201,28 @@ def test_report_dir_flag_and_pruned_reports(tmp_path, labelled_csv, capsys):
         assert main(["--data", str(labelled_csv), "--out", str(out), "--keep", "1", *FAST]) == 0
         versions.append(capsys.readouterr().out.strip())
     assert sorted(p.name for p in (out / REPORTS_DIRNAME).iterdir()) == versions[-1:]
+
+
+def test_help_shows_the_real_defaults_and_plain_metavars():
+    proc = run_cli("--help")
+    assert proc.returncode == 0, proc.stderr
+    text = " ".join(proc.stdout.split())  # argparse wraps lines
+    assert "--target-fpr FPR false-positive rate the threshold targets (default: 0.01)" in text
+    assert "(default: null)" not in text and ",null}" not in text
+    assert "TRAINER_TARGET_FPR" in text  # the rule for every flag's variable
+
+
+def test_flags_override_the_environment_and_unset_flags_keep_it(monkeypatch):
+    monkeypatch.setenv("TRAINER_TARGET_FPR", "0.05")
+    monkeypatch.setenv("TRAINER_HIDDEN", "32,16")
+    monkeypatch.setenv("TRAINER_DATA", "rows.csv")
+    from_env = parse_cli([])
+    assert from_env.target_fpr == 0.05 and from_env.hidden == (32, 16)
+    assert from_env.train_config().hidden == (32, 16)
+    given = parse_cli(["--target-fpr", "0.02", "--hidden", "128,64", "--epochs", "7"])
+    assert given.target_fpr == 0.02 and given.hidden == (128, 64)
+    assert given.train_config().max_epochs == 7 and given.data == Path("rows.csv")
+
+
+def test_unset_hyper_parameters_are_train_configs_defaults(tmp_path):
+    assert parse_cli(["--data", str(tmp_path / "x.csv")]).train_config() == TrainConfig()
