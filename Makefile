@@ -4,6 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.13.0
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
 .PHONY: help venv test test-all soak lint bench bench-gpu eval demo clean
 
@@ -13,9 +14,13 @@ help:
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# The CPU build of torch first, so the project's torch range resolves to it
-	# instead of pulling a multi-GB CUDA build.
-	$(PY) -m pip install -q "$(TORCH)" || $(PY) -m pip install -q --index-url https://download.pytorch.org/whl/cpu "$(TORCH)"
+	# torch first, the CPU build from PyTorch's index, so the project's torch range resolves
+	# to it instead of PyPI's multi-GB CUDA build. Where that index cannot be reached, the
+	# attempt fails within seconds (short timeout, no retries) and torch comes from pip's
+	# configured index instead.
+	$(PY) -m pip install -q --index-url $(TORCH_INDEX) --timeout 5 --retries 0 "$(TORCH)" \
+		|| { echo "torch from $(TORCH_INDEX) failed: trying the default index"; \
+		     $(PY) -m pip install -q "$(TORCH)"; }
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
