@@ -312,7 +312,9 @@ class Worker:
     def _poll(self) -> None:
         room = self.batcher.room()
         bounded = self.bounds.room(self.summary.records, len(self.batcher))
-        wait_s = self.batcher.wait_s(IDLE_POLL_S)
+        # Never block longer than IDLE_POLL_S, even for a batch that is due much later
+        # (a long WORKER_MAX_BATCH_WAIT_MS): a stop request is honoured within that.
+        wait_s = min(self.batcher.wait_s(IDLE_POLL_S), IDLE_POLL_S)
         if bounded is not None and bounded <= 0:  # a bounded run holds all it may take
             self._stop.wait(wait_s)
             return
