@@ -80,7 +80,7 @@ Emit = Literal["anomalies", "all"]
 
 
 class WorkerSettings(BaseSettings):
-    """The streaming worker (WORKER_*). See README for every variable."""
+    """The streaming worker (WORKER_*); every variable: docs/contract.md#settings."""
 
     model_config = SettingsConfigDict(env_prefix="WORKER_", frozen=True, extra="ignore")
 
