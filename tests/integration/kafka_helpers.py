@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -13,12 +13,18 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+import jsonschema
 import orjson
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic
 from kafka.structs import TopicPartition
+from prometheus_client.parser import text_string_to_metric_families
 
+from tests.support import stop_worker, wait_for
+from worker.events import event_schema
 from worker.settings import KafkaSettings, WorkerSettings
+
+__all__ = ["stop_worker", "wait_for"]  # shared with the unit tier, re-exported here
 
 ROOT = Path(__file__).resolve().parents[2]
 FAST_GROUP = dict(session_timeout_ms=6000, heartbeat_interval_ms=1000)
@@ -34,6 +40,18 @@ def create_topics(bootstrap: str, names: list[str], partitions: int = 3) -> None
         admin.create_topics([NewTopic(n, partitions, 1) for n in names])
     finally:
         admin.close()
+
+
+def new_topics(bootstrap: str, partitions: int = 3) -> dict[str, str]:
+    """Fresh input, output and DLQ topics (created) and a fresh group name."""
+    t = {
+        "input": unique("features"),
+        "output": unique("anomalies"),
+        "dlq": unique("dlq"),
+        "group": unique("group"),
+    }
+    create_topics(bootstrap, [t["input"], t["output"], t["dlq"]], partitions=partitions)
+    return t
 
 
 def producer(bootstrap: str, **kw) -> KafkaProducer:
@@ -54,11 +72,9 @@ def read_topic(
         bootstrap_servers=bootstrap, isolation_level=isolation_level, enable_auto_commit=False
     )
     try:
-        parts = c.partitions_for_topic(topic) or set()
-        deadline = time.monotonic() + 10
-        while not parts and time.monotonic() < deadline:
-            time.sleep(0.2)
-            parts = c.partitions_for_topic(topic) or set()
+        parts = wait_for(
+            lambda: c.partitions_for_topic(topic), 10, 0.2, f"the partitions of {topic}"
+        )
         tps = [TopicPartition(topic, p) for p in sorted(parts)]
         c.assign(tps)
         c.seek_to_beginning(*tps)
@@ -107,8 +123,17 @@ def broker_hides_aborted(bootstrap: str) -> bool:
     return seen == [b"committed"]
 
 
+@functools.cache
+def _event_validator() -> jsonschema.Draft202012Validator:
+    return jsonschema.Draft202012Validator(event_schema())
+
+
 def events_of(records: list) -> list[dict]:
-    return [orjson.loads(r.value) for r in records]
+    """The events in output records, each validated against worker/event.schema.json."""
+    events = [orjson.loads(r.value) for r in records]
+    for event in events:
+        _event_validator().validate(event)
+    return events
 
 
 def committed_offsets(bootstrap: str, group: str, topic: str) -> dict[int, int]:
@@ -174,17 +199,6 @@ def start_worker(env: dict, log_path: Path) -> subprocess.Popen:
         log.close()
 
 
-def stop_worker(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout_s: float = 30.0) -> int:
-    if proc.poll() is None:
-        proc.send_signal(sig)
-    try:
-        return proc.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        raise
-
-
 def copy_model_dir(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
@@ -205,23 +219,12 @@ def metric_total(port: int, name: str, **labels: str) -> float:
     `labels`. Raises OSError while nothing listens on the port."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=3) as r:
         text = r.read().decode()
-    total = 0.0
-    for line in text.splitlines():
-        sample, _, value = line.rpartition(" ")
-        metric, _, label_text = sample.partition("{")
-        if metric == name and all(f'{k}="{v}"' in label_text for k, v in labels.items()):
-            total += float(value)
-    return total
-
-
-def wait_for(pred, timeout_s: float, interval_s: float = 0.2, what: str = "condition"):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(interval_s)
-    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and labels.items() <= sample.labels.items()
+    )
 
 
 def log_events(path: Path) -> list[dict]:

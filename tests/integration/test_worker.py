@@ -14,7 +14,7 @@ from kafka.errors import KafkaConnectionError, KafkaError
 from kafka.future import Future
 
 from deploy.embedded_broker import free_port
-from tests.integration.conftest import DIM, FEATURES, normal_rows
+from tests.integration.conftest import DIM, FEATURES
 from tests.integration.kafka_helpers import (
     broker_hides_aborted,
     committed_offsets,
@@ -29,6 +29,7 @@ from tests.integration.kafka_helpers import (
     worker_env,
     worker_settings,
 )
+from tests.support import normal_rows
 from worker import codec
 from worker.checkpoint import LATEST_FILE, WEIGHTS_FILE, publish
 from worker.service import Worker
@@ -40,33 +41,35 @@ def settings_for(broker, topics, model_dir, **kw) -> WorkerSettings:
 
 
 def produce_mixed(bootstrap, topic, n, seed=0, spike_every=50):
-    """n valid records alternating JSON forms and float32; every spike_every-th is a spike."""
+    """n valid records alternating JSON forms and float32; every spike_every-th is a spike.
+    Returns the rows, the spikes' indices and the (partition, offset) the broker gave each."""
     rows = normal_rows(n, seed)
     spikes = set(range(0, n, spike_every))
     for i in spikes:
         rows[i, i % DIM] += 25.0
     p = producer(bootstrap)
+    sent = []
     for i, row in enumerate(rows):
         key = f"sensor-{i % 5}".encode()
         kind = i % 4
         if kind == 0:
-            p.send(
-                topic, key=key, value=codec.encode_json(row, id=f"r{i}", ts=1_764_253_000_000 + i)
-            )
+            value = codec.encode_json(row, id=f"r{i}", ts=1_764_253_000_000 + i)
+            sent.append(p.send(topic, key=key, value=value))
         elif kind == 1:
-            p.send(topic, key=key, value=orjson.dumps([float(v) for v in row]))
+            sent.append(p.send(topic, key=key, value=orjson.dumps([float(v) for v in row])))
         elif kind == 2:
             doc = {
                 "id": f"r{i}",
                 "features": {name: float(v) for name, v in zip(FEATURES, row, strict=True)},
             }
-            p.send(topic, key=key, value=orjson.dumps(doc))
+            sent.append(p.send(topic, key=key, value=orjson.dumps(doc)))
         else:
             value, headers = codec.encode_float32(row)
-            p.send(topic, key=key, value=value, headers=headers)
+            sent.append(p.send(topic, key=key, value=value, headers=headers))
     p.flush()
     p.close()
-    return rows, spikes
+    acked = [future.get(timeout=30) for future in sent]
+    return rows, spikes, [(md.partition, md.offset) for md in acked]
 
 
 def run_in_thread(worker: Worker) -> threading.Thread:
@@ -79,23 +82,20 @@ def event_ids(events):
     return [e["event_id"] for e in events]
 
 
-def test_json_and_binary_records_each_get_one_valid_event(
-    broker, topics, model_dir, validate_event
-):
+def test_json_and_binary_records_each_get_one_valid_event(broker, topics, model_dir):
     n = 400
-    rows, spikes = produce_mixed(broker.bootstrap, topics["input"], n)
+    rows, spikes, produced = produce_mixed(broker.bootstrap, topics["input"], n)
     worker = Worker(settings_for(broker, topics, model_dir, emit="all", max_records=n))
     summary = worker.run()
     assert summary.records == n and summary.rejected == 0
 
     records = read_topic(broker.bootstrap, topics["output"], expect=n)
-    events = [validate_event(e) for e in events_of(records)]
+    events = events_of(records)
     assert len(events) == n
     assert len(set(event_ids(events))) == n
-    # every input offset has its event, keys pass through, model version in headers
-    assert {(e["source"]["partition"], e["source"]["offset"]) for e in events} == {
-        (e["source"]["partition"], e["source"]["offset"]) for e in events
-    }
+    # every produced record has its event, keys pass through, model version in headers
+    assert len(set(produced)) == n
+    assert {(e["source"]["partition"], e["source"]["offset"]) for e in events} == set(produced)
     for rec, ev in zip(records, events, strict=True):
         assert rec.key.decode() == ev["source"]["key"]
         assert dict(rec.headers)["model.version"].decode() == ev["model"]["version"]
@@ -309,22 +309,46 @@ def test_kill_9_mid_stream_then_restart_loses_nothing(
             assert max(ids.values()) <= 2 and len(events) - n <= 200
 
 
-def test_sigterm_drains_and_commits(broker, topics, model_dir, tmp_path):
-    n = 3000
+def test_sigterm_drains_the_batch_in_hand_and_commits_it(broker, topics, model_dir, tmp_path):
+    # Batches of 100 that are not due for 15 s: of a 250-record backlog, two full
+    # batches are scored and committed at once, and the last 50 records are polled
+    # right after and held. SIGTERM then has an uncommitted batch to drain.
+    n, batch, wait_s = 250, 100, 15
     _produce_stream(broker.bootstrap, topics["input"], n)
-    proc = start_worker(
-        worker_env(broker.bootstrap, topics, model_dir, WORKER_EMIT="all"), tmp_path / "w.log"
+    log = tmp_path / "w.log"
+    env = worker_env(
+        broker.bootstrap,
+        topics,
+        model_dir,
+        WORKER_EMIT="all",
+        WORKER_MAX_BATCH_SIZE=batch,
+        WORKER_MAX_BATCH_WAIT_MS=wait_s * 1000,
     )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if sum(committed_offsets(broker.bootstrap, topics["group"], topics["input"]).values()) >= n:
-            break
-        time.sleep(0.1)
-    assert stop_worker(proc, signal.SIGTERM) == 0
-    log = (tmp_path / "w.log").read_text()
-    assert '"event": "worker_stopped"' in log and "Traceback" not in log
-    assert sum(committed_offsets(broker.bootstrap, topics["group"], topics["input"]).values()) == n
-    assert len(events_of(read_topic(broker.bootstrap, topics["output"], expect=n))) == n
+    proc = start_worker(env, log)
+
+    def committed() -> int:
+        return sum(committed_offsets(broker.bootstrap, topics["group"], topics["input"]).values())
+
+    try:
+        wait_for(lambda: committed() >= 2 * batch, 60, 0.1, "two full batches committed", proc)
+    finally:
+        held_back = committed()
+        t0 = time.monotonic()
+        code = stop_worker(proc, signal.SIGTERM, timeout_s=wait_s + 15)
+    drain_s = time.monotonic() - t0
+    assert held_back == 2 * batch, f"{held_back} committed when SIGTERM arrived"
+    assert code == 0, log.read_text()[-3000:]
+    stopped = [e for e in log_events(log) if e.get("event") == "worker_stopped"]
+    assert stopped and stopped[-1]["records"] == n, log.read_text()[-3000:]
+    assert "Traceback" not in log.read_text()
+    assert committed() == n, "the drained batch is committed"
+    events = events_of(read_topic(broker.bootstrap, topics["output"], expect=n))
+    assert sorted(e["id"] for e in events) == sorted(f"x{i}" for i in range(n))
+    if drain_s >= 5:
+        pytest.xfail(
+            f"known worker defect: the drain took {drain_s:.0f}s, until the held batch came "
+            "due, because SIGTERM does not wake the consumer's blocking poll"
+        )
 
 
 def test_two_workers_split_partitions_and_score_everything(broker, topics, model_dir, tmp_path):
@@ -345,14 +369,11 @@ def test_two_workers_split_partitions_and_score_everything(broker, topics, model
         except OSError:  # a metrics port not listening yet
             return [0.0, 0.0]
 
-    deadline = time.monotonic() + 60
-    held = [0.0, 0.0]
-    while time.monotonic() < deadline:
+    def split_between_both() -> bool:
         held = partitions_held()
-        if all(h for h in held) and sum(held) == 3:
-            break
-        time.sleep(0.2)
-    assert all(h for h in held) and sum(held) == 3, f"partitions held: {held}"
+        return all(held) and sum(held) == 3
+
+    wait_for(split_between_both, 60, 0.2, "both workers holding the 3 partitions between them")
     _produce_stream(broker.bootstrap, topics["input"], n, rate_per_s=2000)
     for i, proc in enumerate(procs):
         assert proc.wait(timeout=120) == 0, (tmp_path / f"w{i}.log").read_text()[-3000:]
@@ -425,7 +446,7 @@ def test_compressed_input_and_output_topics(broker, topics, model_dir, compressi
     assert sorted(e["id"] for e in events) == sorted(f"z{i}" for i in range(n))
 
 
-def test_multi_row_records_get_one_event_per_row(broker, topics, model_dir, validate_event):
+def test_multi_row_records_get_one_event_per_row(broker, topics, model_dir):
     rows = normal_rows(3 * 64, seed=6)
     rows[70, 2] += 30.0  # record 1, row 6
     p = producer(broker.bootstrap)
@@ -436,10 +457,7 @@ def test_multi_row_records_get_one_event_per_row(broker, topics, model_dir, vali
     p.close()
     summary = Worker(settings_for(broker, topics, model_dir, emit="all", max_records=3)).run()
     assert summary.records == 3 and summary.rows == 192
-    events = [
-        validate_event(e)
-        for e in events_of(read_topic(broker.bootstrap, topics["output"], expect=192))
-    ]
+    events = events_of(read_topic(broker.bootstrap, topics["output"], expect=192))
     ids = {e["event_id"] for e in events}
     assert len(ids) == 192
     assert {(e["source"]["offset"], e["source"]["row"]) for e in events} == {

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import save as st_save
 
-from training.fit import FitResult, TrainConfig, fit
+from tests.support import PickleCanary, plant_pickle
 from worker.checkpoint import (
     MANIFEST_FILE,
     WEIGHTS_FILE,
@@ -34,25 +34,10 @@ from worker.checkpoint import (
 from worker.model import CAEConfig, ContractiveAutoencoder
 from worker.scoring import load_scorer
 
-FEATURES = ["a", "b", "c", "d"]
-
-
-@pytest.fixture(scope="module")
-def rows() -> np.ndarray:
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(80, 4)).astype(np.float32)
-    x[:, 1] += x[:, 0]
-    return x
-
-
-@pytest.fixture(scope="module")
-def fitted(rows) -> FitResult:
-    return fit(rows, FEATURES, TrainConfig(max_epochs=3, seed=0))
-
 
 @pytest.fixture
-def version_dir(tmp_path, fitted) -> Path:
-    return tmp_path / publish(tmp_path, fitted.model, fitted.manifest)
+def version_dir(tmp_path, tiny_model) -> Path:
+    return tmp_path / publish(tmp_path, tiny_model.model, tiny_model.manifest)
 
 
 def rewrite(version_dir: Path, weights: bytes | None = None, **manifest_changes) -> None:
@@ -69,19 +54,19 @@ def state_of(version_dir: Path) -> dict[str, torch.Tensor]:
     return dict(read_checkpoint(version_dir).state_dict)
 
 
-def test_round_trip_scores_are_bitwise_identical(version_dir, fitted, rows):
+def test_round_trip_scores_are_bitwise_identical(version_dir, tiny_model, tiny_rows):
     scorer = load_scorer(version_dir)
-    want = fitted.scorer().score_batch(rows)
-    got = scorer.score_batch(rows)
+    want = tiny_model.scorer().score_batch(tiny_rows)
+    got = scorer.score_batch(tiny_rows)
     assert np.array_equal(got.scores, want.scores)
     assert np.array_equal(got.p_values, want.p_values)
     assert scorer.manifest.version == version_dir.name
     assert sorted(p.name for p in version_dir.iterdir()) == [MANIFEST_FILE, WEIGHTS_FILE]
 
 
-def test_reader_never_sees_a_half_written_version(tmp_path, fitted):
-    model = ContractiveAutoencoder(fitted.model.config)
-    model.load_state_dict(fitted.model.state_dict())
+def test_reader_never_sees_a_half_written_version(tmp_path, tiny_model):
+    model = ContractiveAutoencoder(tiny_model.model.config)
+    model.load_state_dict(tiny_model.model.state_dict())
     stop, seen, errors = threading.Event(), set(), []
 
     def reader() -> None:
@@ -100,7 +85,7 @@ def test_reader_never_sees_a_half_written_version(tmp_path, fitted):
         for i in range(50):
             with torch.no_grad():  # new weights each time: a mixed-up pair fails the sha256
                 model.encoder_linears[0].bias.fill_(i / 50)
-            publish(tmp_path, model, fitted.manifest, keep=1000)
+            publish(tmp_path, model, tiny_model.manifest, keep=1000)
     finally:
         stop.set()
         thread.join()
@@ -109,8 +94,8 @@ def test_reader_never_sees_a_half_written_version(tmp_path, fitted):
     assert len(seen) > 1
 
 
-def test_prune_keeps_the_newest_and_never_the_live_one(tmp_path, fitted):
-    published = [publish(tmp_path, fitted.model, fitted.manifest, keep=3) for _ in range(5)]
+def test_prune_keeps_the_newest_and_never_the_live_one(tmp_path, tiny_model):
+    published = [publish(tmp_path, tiny_model.model, tiny_model.manifest, keep=3) for _ in range(5)]
     assert list_versions(tmp_path) == published[-3:]
     assert read_latest(tmp_path) == published[-1]
     (tmp_path / "LATEST").write_text(published[-3] + "\n")  # operator rolled back
@@ -118,14 +103,14 @@ def test_prune_keeps_the_newest_and_never_the_live_one(tmp_path, fitted):
     assert list_versions(tmp_path) == [published[-3], published[-1]]
 
 
-def test_failed_verification_leaves_latest_alone(tmp_path, fitted):
-    first = publish(tmp_path, fitted.model, fitted.manifest)
+def test_failed_verification_leaves_latest_alone(tmp_path, tiny_model):
+    first = publish(tmp_path, tiny_model.model, tiny_model.manifest)
 
     def refuse(version_dir: Path) -> None:
         raise GoldenMismatch(f"{version_dir.name}: refused by the test")
 
     with pytest.raises(GoldenMismatch):
-        publish(tmp_path, fitted.model, fitted.manifest, verify=refuse)
+        publish(tmp_path, tiny_model.model, tiny_model.manifest, verify=refuse)
     assert read_latest(tmp_path) == first
     assert list_versions(tmp_path) == [first]
 
@@ -174,8 +159,8 @@ def test_malformed_manifest(version_dir, corrupt):
         read_checkpoint(version_dir)
 
 
-def test_weights_of_another_architecture(version_dir, fitted):
-    arch = fitted.model.config
+def test_weights_of_another_architecture(version_dir, tiny_model):
+    arch = tiny_model.model.config
     other = ContractiveAutoencoder(CAEConfig(input_dim=arch.input_dim, code_dim=arch.code_dim + 3))
     rewrite(version_dir, weights=st_save(other.state_dict()))
     with pytest.raises(ShapeMismatch, match="do not fit the architecture"):
@@ -201,20 +186,6 @@ def test_golden_batch_that_does_not_reproduce(version_dir):
         load_scorer(version_dir)
 
 
-def _touch(path: str) -> None:
-    Path(path).touch()
-
-
-class Booby:
-    """Unpickling this creates a marker file: proof that something unpickled."""
-
-    def __init__(self, marker: Path):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (_touch, (self.marker,))
-
-
 def torch_save_bytes(obj) -> bytes:
     buf = io.BytesIO()
     torch.save(obj, buf)
@@ -224,7 +195,7 @@ def torch_save_bytes(obj) -> bytes:
 @pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
 def test_pickle_as_weights_is_refused_and_never_unpickled(version_dir, tmp_path, protocol):
     marker = tmp_path / "unpickled"
-    rewrite(version_dir, weights=pickle.dumps(Booby(marker), protocol=protocol))
+    plant_pickle(version_dir, marker, "weights", protocol)
     with pytest.raises(UnsafePayload, match="pickle"):
         load_scorer(version_dir)
     assert not marker.exists()
@@ -232,7 +203,7 @@ def test_pickle_as_weights_is_refused_and_never_unpickled(version_dir, tmp_path,
 
 def test_torch_save_as_weights_is_refused_and_never_unpickled(version_dir, tmp_path):
     marker = tmp_path / "unpickled"
-    rewrite(version_dir, weights=torch_save_bytes({"state": Booby(marker)}))
+    rewrite(version_dir, weights=torch_save_bytes({"state": PickleCanary(marker)}))
     with pytest.raises(UnsafePayload):
         load_scorer(version_dir)
     assert not marker.exists()
@@ -240,7 +211,7 @@ def test_torch_save_as_weights_is_refused_and_never_unpickled(version_dir, tmp_p
 
 def test_stray_pickle_file_is_refused(version_dir, tmp_path):
     marker = tmp_path / "unpickled"
-    (version_dir / "model.pt").write_bytes(torch_save_bytes(Booby(marker)))
+    (version_dir / "model.pt").write_bytes(torch_save_bytes(PickleCanary(marker)))
     with pytest.raises(UnsafePayload, match="model.pt"):
         read_checkpoint(version_dir)
     assert not marker.exists()

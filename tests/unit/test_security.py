@@ -13,9 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from training.fit import TrainConfig, fit
-from worker import checkpoint as ckpt
-from worker.checkpoint import WEIGHTS_FILE, UnsafePayload, publish, read_checkpoint
+from tests.support import PickleCanary
+from worker.checkpoint import publish, read_checkpoint
 from worker.datafile import load_dataset
 from worker.metrics import HealthServer, WorkerMetrics
 from worker.scoring import load_scorer
@@ -85,23 +84,10 @@ def test_no_package_module_can_unpickle():
     assert not offences, "\n".join(offences)
 
 
-class _Canary:
-    """Unpickling this touches a file: proof that something ran pickle."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def __reduce__(self):
-        return (Path.touch, (self.path,))
-
-
 @pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory) -> tuple[Path, str]:
-    rng = np.random.default_rng(0)
-    x = (rng.normal(size=(400, 2)) @ rng.normal(size=(2, 4))).astype(np.float32)
-    result = fit(x, [f"f{i}" for i in range(4)], TrainConfig(max_epochs=3, seed=0))
+def tiny_checkpoint(tiny_model, tmp_path_factory) -> tuple[Path, str]:
     root = tmp_path_factory.mktemp("models")
-    return root, publish(root, result.model, result.manifest)
+    return root, publish(root, tiny_model.model, tiny_model.manifest)
 
 
 @pytest.fixture
@@ -123,32 +109,10 @@ def test_loading_a_checkpoint_never_unpickles(tiny_checkpoint, no_unpickling):
     load_scorer(root / version)
 
 
-@pytest.mark.parametrize("where", ["weights", "extra_file"])
-def test_pickle_payloads_are_refused_without_running(tiny_checkpoint, tmp_path, where):
-    root, version = tiny_checkpoint
-    copy = tmp_path / version
-    copy.mkdir()
-    for f in (root / version).iterdir():
-        (copy / f.name).write_bytes(f.read_bytes())
-    canary = tmp_path / "canary"
-    payload = pickle.dumps(_Canary(canary), protocol=pickle.HIGHEST_PROTOCOL)
-    if where == "weights":
-        (copy / WEIGHTS_FILE).write_bytes(payload)
-    else:
-        (copy / "model.pt").write_bytes(payload)
-    with pytest.raises(UnsafePayload):
-        read_checkpoint(copy)
-    assert not canary.exists(), "the pickle ran"
-    for protocol in (0, 1):  # old protocols have no magic prefix
-        (copy / WEIGHTS_FILE).write_bytes(pickle.dumps(_Canary(canary), protocol=protocol))
-        assert ckpt._looks_like_pickle((copy / WEIGHTS_FILE).read_bytes())
-    assert not canary.exists()
-
-
 def test_object_npy_data_files_are_refused_without_running(tmp_path):
     canary = tmp_path / "canary"
     arr = np.empty(2, dtype=object)
-    arr[0], arr[1] = _Canary(canary), _Canary(canary)
+    arr[0], arr[1] = PickleCanary(canary), PickleCanary(canary)
     np.save(tmp_path / "evil.npy", arr, allow_pickle=True)
     with pytest.raises(Exception):  # noqa: B017 - any refusal will do, as long as nothing ran
         load_dataset(tmp_path / "evil.npy")
