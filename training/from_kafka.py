@@ -6,6 +6,7 @@ normal rows.
 
 from __future__ import annotations
 
+import heapq
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,8 +69,12 @@ def _infer_feature_names(records: list) -> list[str]:
 
 
 def read_snapshot(kafka: KafkaSettings, topic: str, max_records: int, max_seconds: float) -> list:
-    """The newest ≤ max_records records of `topic` (spread over its partitions), read
-    for at most max_seconds. No consumer group: nothing is committed."""
+    """The newest ≤ max_records records of `topic` by record timestamp, read for at most
+    max_seconds, oldest first. No consumer group: nothing is committed.
+
+    Partitions fill unevenly (keys hash, unkeyed records land at random), so the newest
+    records are not an equal share of each partition: each partition's last max_records
+    are read and only the newest max_records of them all are kept."""
     consumer = KafkaConsumer(
         **kafka.client_kwargs(), enable_auto_commit=False, isolation_level="read_committed"
     )
@@ -81,18 +86,31 @@ def read_snapshot(kafka: KafkaSettings, topic: str, max_records: int, max_second
         consumer.assign(tps)
         ends = consumer.end_offsets(tps)
         begins = consumer.beginning_offsets(tps)
-        share = max(1, max_records // len(tps))
         for tp in tps:
-            consumer.seek(tp, max(begins[tp], ends[tp] - share))
-        records: list = []
+            consumer.seek(tp, max(begins[tp], ends[tp] - max_records))
+        # A partition's end is raised to the high watermark of its first fetch: some
+        # brokers (Tansu 0.6) answer ListOffsets with the last batch's base offset + 1,
+        # which would leave out all but the first record of the newest batch.
+        fetched: set = set()
+        newest: list = []  # a min-heap of (timestamp, partition, offset, record)
         deadline = time.monotonic() + max_seconds
         remaining = {tp for tp in tps if ends[tp] > consumer.position(tp)}
-        while remaining and len(records) < max_records and time.monotonic() < deadline:
+        while remaining and time.monotonic() < deadline:
             for tp, recs in consumer.poll(timeout_ms=500).items():
-                records.extend(r for r in recs if r.offset < ends[tp])
+                if tp not in fetched:
+                    fetched.add(tp)
+                    ends[tp] = max(ends[tp], consumer.highwater(tp) or 0)
+                for r in recs:
+                    if r.offset >= ends[tp]:
+                        continue
+                    item = (r.timestamp, r.partition, r.offset, r)
+                    if len(newest) < max_records:
+                        heapq.heappush(newest, item)
+                    else:
+                        heapq.heappushpop(newest, item)
                 if consumer.position(tp) >= ends[tp]:
                     remaining.discard(tp)
-        return records[:max_records]
+        return [item[-1] for item in sorted(newest)]
     finally:
         consumer.close()
 

@@ -6,11 +6,14 @@ import os
 import subprocess
 import sys
 
-from tests.integration.conftest import FEATURES, normal_rows
+from tests.integration.conftest import FEATURES
 from tests.integration.kafka_helpers import ROOT, producer
+from tests.support import normal_rows
+from training.from_kafka import read_snapshot
 from worker import codec
 from worker.checkpoint import list_versions, publish, read_latest
 from worker.scoring import load_scorer
+from worker.settings import KafkaSettings
 
 
 def run_trainer(bootstrap, topic, out, *flags):
@@ -51,6 +54,24 @@ def produce(bootstrap, topic, rows, as_dict=False):
     p.send(topic, value=b"not a record")  # rejected by the codec, not trained on
     p.flush()
     p.close()
+
+
+def test_the_snapshot_is_the_newest_records_however_the_partitions_filled(broker, topics):
+    # older records spread over the three partitions, then newer ones all in partition 0:
+    # an equal share per partition would mix old records in and leave new ones out
+    p = producer(broker.bootstrap)
+    t0 = 1_764_000_000_000
+    for i in range(90):
+        p.send(topics["input"], value=b"old%d" % i, partition=i % 3, timestamp_ms=t0 + i)
+    for i in range(60):
+        p.send(topics["input"], value=b"new%d" % i, partition=0, timestamp_ms=t0 + 1000 + i)
+    p.flush()
+    p.close()
+    kafka = KafkaSettings(bootstrap_servers=broker.bootstrap)
+    snapshot = read_snapshot(kafka, topics["input"], max_records=60, max_seconds=30)
+    assert [r.value for r in snapshot] == [b"new%d" % i for i in range(60)]
+    everything = read_snapshot(kafka, topics["input"], max_records=1000, max_seconds=30)
+    assert len(everything) == 150 and everything[-1].value == b"new59"
 
 
 def test_first_model_from_the_stream_then_anomalies_left_out(broker, topics, tmp_path):
