@@ -15,7 +15,6 @@ import importlib.util
 import json
 import os
 import re
-import shlex
 import signal
 import socket
 import subprocess
@@ -23,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+import dockerfile
 import numpy as np
 import pytest
 import yaml
@@ -31,6 +31,7 @@ from pydantic import BaseModel
 from pydantic_settings import BaseSettings
 
 from tests.integration.kafka_helpers import metric_total
+from tests.support import wait_for
 from training.settings import TrainerSettings, parse_cli
 from worker.settings import KafkaSettings, WorkerSettings
 
@@ -294,116 +295,117 @@ def test_prometheus_scrapes_every_worker_replica(compose):
 # -- the Dockerfile -------------------------------------------------------------------------
 
 
-def dockerfile_instructions() -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) with continuation lines joined; heredoc bodies skipped."""
-    out: list[tuple[str, str]] = []
-    lines = iter(DOCKERFILE.read_text().splitlines())
-    for line in lines:
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        while line.endswith("\\"):
-            line = line[:-1] + " " + next(lines).strip()
-        instr, _, args = line.strip().partition(" ")
-        out.append((instr.upper(), args.strip()))
-        heredoc = re.search(r"<<-?'?(\w+)'?", args)
-        if heredoc:
-            for body in lines:
-                if body.strip() == heredoc[1]:
-                    break
-    return out
+def runtime_stage() -> list[dockerfile.Command]:
+    """The final stage's instructions, parsed by BuildKit's own parser."""
+    commands = dockerfile.parse_file(str(DOCKERFILE))
+    last_from = max(i for i, c in enumerate(commands) if c.cmd == "FROM")
+    return list(commands[last_from:])
 
 
-def runtime_stage() -> list[tuple[str, str]]:
-    instr = dockerfile_instructions()
-    last_from = max(i for i, (name, _) in enumerate(instr) if name == "FROM")
-    return instr[last_from:]
+def stage_args(stage: list[dockerfile.Command]) -> dict[str, str]:
+    """The stage's ARG defaults (what a build without --build-arg uses)."""
+    return dict(a.split("=", 1) for c in stage if c.cmd == "ARG" for a in c.value if "=" in a)
 
 
-def test_dockerfile_is_multi_stage_on_a_slim_base():
-    froms = [args for name, args in dockerfile_instructions() if name == "FROM"]
-    assert len(froms) >= 2
-    assert all("-slim" in f for f in froms)
-    assert any(name == "COPY" and args.startswith("--from=") for name, args in runtime_stage())
+def stage_env(stage: list[dockerfile.Command]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for c in stage:
+        if c.cmd == "ENV":
+            env.update(zip(c.value[::2], c.value[1::2], strict=True))
+    return env
 
 
-def test_dockerfile_healthcheck_runs_the_worker_check():
-    (hc,) = [args for name, args in runtime_stage() if name == "HEALTHCHECK"]
-    cmd = hc.split("CMD", 1)[1].strip()
-    argv = json.loads(cmd) if cmd.startswith("[") else shlex.split(cmd)
-    assert argv == ["python", "-m", "worker", "--check"]
+def the_only(stage: list[dockerfile.Command], cmd: str) -> dockerfile.Command:
+    (found,) = [c for c in stage if c.cmd == cmd]
+    return found
 
 
-def test_dockerfile_runs_as_a_fixed_non_root_user():
-    instr = runtime_stage()
-    args = {a.split("=")[0]: a.split("=", 1)[1] for n, a in instr if n == "ARG" and "=" in a}
-    (user,) = [a for n, a in instr if n == "USER"]
-    uid = re.sub(r"\$\{(\w+)\}", lambda m: args[m[1]], user).split(":")[0]
-    assert uid.isdigit() and int(uid) >= 1000, f"USER {user}"
+def test_the_image_runs_the_worker():
+    stage = runtime_stage()
+    entrypoint, command = the_only(stage, "ENTRYPOINT"), the_only(stage, "CMD")
+    assert entrypoint.json and command.json, "exec form: SIGTERM reaches python, not a shell"
+    assert [*entrypoint.value, *command.value] == ["python", "-m", "worker"]
+    assert the_only(stage, "STOPSIGNAL").value == ("SIGTERM",), "the signal the worker drains on"
 
 
-def test_dockerfile_entrypoint_command_and_stop_signal():
-    instr = dict(runtime_stage())
-    assert json.loads(instr["ENTRYPOINT"]) == ["python", "-m"]
-    assert json.loads(instr["CMD"]) == ["worker"]
-    assert instr["STOPSIGNAL"] == "SIGTERM"
+def test_the_healthcheck_runs_the_worker_check():
+    healthcheck = the_only(runtime_stage(), "HEALTHCHECK")
+    assert healthcheck.value == ("CMD", "python", "-m", "worker", "--check")
 
 
-def test_dockerfile_installs_dependencies_before_the_source():
-    instr = dockerfile_instructions()
-    text = [f"{n} {a}" for n, a in instr]
-
-    def first(pattern: str) -> int:
-        return next(i for i, t in enumerate(text) if re.search(pattern, t))
-
-    torch = first(r"^RUN .*download\.pytorch\.org/whl/\$\{TORCH_VARIANT\}")
-    deps = first(r"^RUN pip install -r ")
-    assert first(r"^COPY pyproject\.toml") < deps < first(r"^COPY worker/")
-    assert torch < deps, "torch from the PyTorch index first, so PyPI's CUDA build is not pulled"
-    assert first(r"^COPY training/") > deps
-    assert "ARG TORCH_VARIANT=cpu" in text
-    assert any("PIP_NO_CACHE_DIR=1" in t for t in text)
-    reqs = first(r"^RUN python - > /tmp/requirements.txt")
-    body = DOCKERFILE.read_text().split("/tmp/requirements.txt <<'PY'", 1)[1]
-    assert '["train"]' in body.split("PY", 1)[0], "the trainer's extra is installed"
-    assert reqs < deps
+def test_the_image_runs_as_a_non_root_user():
+    stage = runtime_stage()
+    user = the_only(stage, "USER").value[0]
+    args = stage_args(stage)
+    uid = re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: args[m[1] or m[2]], user).split(":")[0]
+    assert uid.isdigit() and int(uid) != 0, f"USER {user} (uid {uid})"
 
 
-def test_dockerfile_env_names_are_settings():
+def test_the_image_env_names_are_settings():
     known = env_names(WorkerSettings) | env_names(TrainerSettings) | env_names(KafkaSettings)
-    for name, args in runtime_stage():
-        if name == "ENV":
-            for var in re.findall(r"(\w+)=", args):
-                if var.startswith(OUR_PREFIXES):
-                    assert var in known, var
+    ours = [name for name in stage_env(runtime_stage()) if name.startswith(OUR_PREFIXES)]
+    assert ours and set(ours) <= known, sorted(set(ours) - known)
 
 
-def test_dockerfile_model_dir_is_owned_by_the_runtime_user():
-    """A new named volume copies the image directory's ownership: the trainer can write."""
-    instr = runtime_stage()
-    env = " ".join(a for n, a in instr if n == "ENV")
-    model_dir = re.search(r"WORKER_MODEL_DIR=(\S+)", env)[1]
-    assert re.search(rf"TRAINER_OUT={re.escape(model_dir)}\b", env)
-    run = " ".join(a for n, a in instr if n == "RUN")
-    assert re.search(rf"mkdir -p {re.escape(model_dir)}\b", run)
-    assert re.search(rf"chown \S+ {re.escape(model_dir)}\b", run)
+def dockerignore_allows(path: str, patterns: list[str]) -> bool:
+    """Whether `path` (relative, '/'-separated) is in the build context: the last pattern
+    matching it or one of its parent directories decides; `!` patterns let it back in."""
+
+    def regex(pattern: str) -> re.Pattern:
+        out, i = "", 0
+        while i < len(pattern):
+            if pattern.startswith("**", i):
+                out, i = out + ".*", i + 2
+            elif pattern[i] == "*":
+                out, i = out + "[^/]*", i + 1
+            elif pattern[i] == "?":
+                out, i = out + "[^/]", i + 1
+            else:
+                out, i = out + re.escape(pattern[i]), i + 1
+        return re.compile(out)
+
+    parts = path.split("/")
+    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    allowed = False
+    for pattern in patterns:
+        keep = pattern.startswith("!")
+        rx = regex(pattern.removeprefix("!").strip("/"))
+        if any(rx.fullmatch(prefix) for prefix in prefixes):
+            allowed = keep
+    return allowed
 
 
-def test_dockerignore_keeps_what_the_dockerfile_copies():
+def test_every_copy_source_is_in_the_build_context():
     patterns = [p.strip() for p in DOCKERIGNORE.read_text().splitlines()]
     patterns = [p for p in patterns if p and not p.startswith("#")]
-    assert patterns[0] == "*", "an allow-list: nothing enters the context unless named"
-    allowed = [p[1:].rstrip("/") for p in patterns if p.startswith("!")]
-    for name, args in dockerfile_instructions():
-        if name != "COPY" or args.startswith("--from="):
-            continue
-        for src in args.split()[:-1]:
-            if src.startswith("--"):
-                continue
-            src = src.rstrip("/")
-            assert (ROOT / src).exists(), f"COPY {src}: no such file"
-            assert any(
-                src == a or src.startswith(a + "/") or Path(src).match(a) for a in allowed
-            ), f"COPY {src} is excluded by .dockerignore"
+    copies = [
+        c
+        for c in dockerfile.parse_file(str(DOCKERFILE))
+        if c.cmd in ("COPY", "ADD") and not any(f.startswith("--from=") for f in c.flags)
+    ]
+    assert copies
+    for copy_ in copies:
+        for src in copy_.value[:-1]:
+            src_path = ROOT / src
+            assert src_path.exists(), f"COPY {src}: no such file"
+            files = (
+                [f for f in src_path.rglob("*") if f.is_file()] if src_path.is_dir() else [src_path]
+            )
+            files = [f for f in files if "__pycache__" not in f.parts]
+            assert files, f"COPY {src}: nothing to copy"
+            dropped = [
+                str(f.relative_to(ROOT))
+                for f in files
+                if not dockerignore_allows(f.relative_to(ROOT).as_posix(), patterns)
+            ]
+            assert not dropped, f"COPY {src}: .dockerignore leaves out {dropped[:5]}"
+
+
+def test_the_dockerignore_check_is_not_vacuous():
+    patterns = ["*", "!worker/", "**/__pycache__"]
+    assert dockerignore_allows("worker/service.py", patterns)
+    assert not dockerignore_allows("training/cli.py", patterns)
+    assert not dockerignore_allows("worker/__pycache__/x.pyc", patterns)
 
 
 # -- the deploy tools (pure parts) --------------------------------------------------------
@@ -445,26 +447,10 @@ def _free(port: int) -> bool:
 def _container_env(svc_env: dict[str, str]) -> dict[str, str]:
     """What the container sees: the image's ENV, then the service's environment."""
     env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp")}
-    for name, args in runtime_stage():
-        if name == "ENV":
-            env.update(re.findall(r"(\w+)=(\S+)", args))
+    env.update(stage_env(runtime_stage()))
     env["PATH"] = os.environ["PATH"]  # this venv stands in for the image's /opt/venv
     env.update(svc_env)
     return env
-
-
-def _wait(predicate, timeout_s: float, what: str, proc: subprocess.Popen | None = None):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            pytest.fail(f"{what}: process exited with {proc.returncode}")
-        try:
-            if predicate():
-                return
-        except OSError:
-            pass
-        time.sleep(0.25)
-    pytest.fail(f"timed out after {timeout_s:.0f}s waiting for {what}")
 
 
 @pytest.mark.integration
@@ -511,20 +497,22 @@ def test_compose_worker_command_scores_and_drains_on_sigterm(compose, tmp_path):
             )
         try:
             healthcheck = [sys.executable, "-m", "worker", "--check"]
-            _wait(
+            wait_for(
                 lambda: (
                     subprocess.run(healthcheck, env=env, capture_output=True, timeout=10).returncode
                     == 0
                 ),
                 60,
+                0.25,
                 "the container HEALTHCHECK command to pass",
                 proc,
             )
             n = 300
             run_tool("producer", "--count", str(n), "--rate", "2000", "--anomaly-rate", "0.05")
-            _wait(
+            wait_for(
                 lambda: metric_total(port, "cae_records_total") >= n,
                 90,
+                0.25,
                 f"{n} records scored",
                 proc,
             )
