@@ -580,7 +580,7 @@ def test_reload_storm_with_hostile_checkpoints(
     worker = Worker(settings_for(broker.bootstrap, topics, model_dir))
     thread = threading.Thread(target=worker.run, daemon=True)
     thread.start()
-    wait_for(lambda: worker.metrics.is_ready, 60, 0.2, "worker ready")
+    wait_for(lambda: worker.health.ready, 60, 0.2, "worker ready")
     stream = Stream(broker.bootstrap, topics["input"], rate=400)
     stream.start()
     good_versions, refused_versions = {v1}, {}

@@ -16,7 +16,8 @@ import torch
 from tests.support import PickleCanary
 from worker.checkpoint import publish, read_checkpoint
 from worker.datafile import load_dataset
-from worker.metrics import HealthServer, WorkerMetrics
+from worker.health import Health, HealthServer
+from worker.metrics import WorkerMetrics
 from worker.scoring import load_scorer
 from worker.settings import KafkaSettings, WorkerSettings
 
@@ -124,9 +125,9 @@ def test_object_npy_data_files_are_refused_without_running(tmp_path):
 
 @pytest.fixture(scope="module")
 def health():
-    metrics = WorkerMetrics()
-    metrics.set_ready(True)
-    server = HealthServer(metrics, "127.0.0.1", 0).start()
+    health = Health(WorkerMetrics())
+    health.set_ready(True)
+    server = HealthServer(health, "127.0.0.1", 0).start()
     yield server
     server.stop()
 
