@@ -1,33 +1,45 @@
-"""Delivery strategies: publish a batch's outputs and commit its offsets, per guarantee.
+"""Delivery strategies: publish each batch's outputs and commit its offsets, per guarantee.
 
-* **at-least-once**: send every event and DLQ record, wait for every
-  acknowledgement, then commit the batch's offsets. A failure commits nothing.
-* **exactly-once**: outputs and offsets in one Kafka transaction; a failure aborts it.
+* **at-least-once** (pipelined): a batch's events and DLQ records are sent and the
+  worker goes on to poll and score the next batch while they are in flight (at
+  most `PIPELINE_DEPTH` batches). Offsets are committed asynchronously, in order,
+  up to the last batch whose every output, and every earlier batch's, was
+  acknowledged (`worker/pipeline.py`). A failed output fails its batch: nothing of
+  it or of any later batch is committed.
+* **exactly-once**: the outputs and offsets of the micro-batches of one commit
+  interval (`WORKER_COMMIT_INTERVAL_MS`, at most `PIPELINE_DEPTH` batches' worth of
+  records) go in one Kafka transaction; a failure aborts it.
 
-Either way a failed batch raises `PublishError` with nothing committed, and the
-worker rewinds its consumer to the batch's first records (`rewind`), so the
-batch is read and scored again.
+A failure is reported in `Settled.error`; the worker then calls `abandon`, which
+hands back every record not committed, and rewinds its consumer to the first of
+them (`rewind`), so they are read and scored again. `settle(wait="all")` drains:
+it waits for everything in flight and commits synchronously (rebalance, model
+swap, shutdown).
 """
 
 from __future__ import annotations
 
 import socket
-from typing import Protocol
+import time
+from typing import Literal, Protocol
 
 import structlog
 from kafka import KafkaConsumer, KafkaProducer
+from kafka.errors import KafkaError
 from kafka.structs import TopicPartition
 
+from worker.pipeline import Finished, Pipeline, PublishError, Settled, merge_offsets
 from worker.settings import WorkerSettings
 from worker.step import BatchOutcome
 
 log = structlog.get_logger("worker.delivery")
 
 FLUSH_TIMEOUT_S = 30
+PIPELINE_DEPTH = 4  # micro-batches in flight (at-least-once) or in one transaction
 
+Wait = Literal["none", "room", "all"]
 
-class PublishError(Exception):
-    """The broker did not acknowledge every output of a batch; nothing was committed."""
+__all__ = ["PublishError", "Settled", "delivery_for", "rewind"]
 
 
 class Delivery(Protocol):
@@ -35,15 +47,36 @@ class Delivery(Protocol):
 
     def prepare(self, producer: KafkaProducer) -> None: ...
 
-    def deliver(
+    def in_flight(self) -> int:
+        """Records handed to `submit` and not committed yet."""
+        ...
+
+    def due_in_s(self) -> float | None:
+        """How soon `settle` may have something to do; None when nothing is in flight."""
+        ...
+
+    def submit(
         self, outcome: BatchOutcome, producer: KafkaProducer, consumer: KafkaConsumer
-    ) -> None: ...
+    ) -> None:
+        """Send a scored batch's outputs. Raises KafkaError when it cannot be sent."""
+        ...
+
+    def settle(self, producer: KafkaProducer, consumer: KafkaConsumer, wait: Wait) -> Settled:
+        """Commit what finished. wait="room": first make room for one more batch;
+        wait="all": drain everything in flight and commit synchronously."""
+        ...
+
+    def abandon(self, producer: KafkaProducer) -> list:
+        """Drop everything not committed; its records, oldest first."""
+        ...
 
 
 class AtLeastOnce:
-    def __init__(self, settings: WorkerSettings):
+    def __init__(self, settings: WorkerSettings, depth: int = PIPELINE_DEPTH):
         self.output_topic = settings.output_topic
         self.dlq_topic = settings.dlq_topic
+        self.pipeline = Pipeline(depth)
+        self._uncommitted: dict = {}  # acknowledged offsets not yet committed synchronously
 
     def producer_options(self) -> dict:
         return {}
@@ -51,21 +84,68 @@ class AtLeastOnce:
     def prepare(self, producer: KafkaProducer) -> None:
         pass
 
-    def deliver(self, outcome: BatchOutcome, producer, consumer) -> None:
-        futures = _send(producer, outcome, self.output_topic, self.dlq_topic)
-        producer.flush(timeout=FLUSH_TIMEOUT_S)
-        _check_acknowledged(futures)
-        consumer.commit(outcome.offsets)
+    def in_flight(self) -> int:
+        return self.pipeline.records
+
+    def due_in_s(self) -> float | None:
+        return 0.0 if len(self.pipeline) else None
+
+    def submit(self, outcome: BatchOutcome, producer, consumer) -> None:
+        self.pipeline.add(outcome, _send(producer, outcome, self.output_topic, self.dlq_topic))
+
+    def settle(self, producer, consumer, wait: Wait = "none") -> Settled:
+        if wait == "all":
+            producer.flush(timeout=FLUSH_TIMEOUT_S)  # sends what lingers, waits for every ack
+        elif wait == "room" and self.pipeline.full():
+            self.pipeline.wait_head(FLUSH_TIMEOUT_S)
+        settled = self.pipeline.take_acknowledged()
+        stuck = wait == "all" or (wait == "room" and self.pipeline.full())
+        if settled.error is None and stuck and len(self.pipeline):
+            settled.error = PublishError(
+                f"{self.pipeline.unfinished()} outputs not acknowledged in {FLUSH_TIMEOUT_S}s"
+            )
+        offsets = merge_offsets([f.outcome for f in settled.finished])
+        self._uncommitted.update(offsets)
+        if wait == "all":
+            self._commit_sync(consumer)
+        elif offsets:
+            consumer.commit_async(offsets, callback=_log_commit_failure)
+        return settled
+
+    def _commit_sync(self, consumer) -> None:
+        """Everything acknowledged since the last drain, on partitions still held.
+        A failed commit loses no output (the records were delivered); it only means
+        they may be read again after a restart or rebalance."""
+        assigned = consumer.assignment()
+        offsets = {tp: om for tp, om in self._uncommitted.items() if tp in assigned}
+        self._uncommitted = {}
+        if not offsets:
+            return
+        try:
+            consumer.commit(offsets)
+        except KafkaError as e:
+            log.warning("commit_failed", error=str(e) or type(e).__name__, sync=True)
+
+    def abandon(self, producer) -> list:
+        return self.pipeline.abandon()
 
 
 class ExactlyOnce:
-    def __init__(self, settings: WorkerSettings):
+    def __init__(self, settings: WorkerSettings, depth: int = PIPELINE_DEPTH, clock=time.monotonic):
         self.output_topic = settings.output_topic
         self.dlq_topic = settings.dlq_topic
+        self.interval_s = settings.commit_interval_ms / 1000
+        self.max_records = depth * settings.max_batch_size
+        self.clock = clock
         # Stable per worker instance, so a restarted worker fences its predecessor.
         self.transactional_id = (
             settings.transactional_id or f"{settings.group_id}-{socket.gethostname()}"
         )
+        self._open = False
+        self._opened_at = 0.0
+        self._batches: list[tuple[BatchOutcome, float]] = []  # in the open transaction
+        self._futures: list = []
+        self._records = 0
 
     def producer_options(self) -> dict:
         return {"transactional_id": self.transactional_id, "enable_idempotence": True}
@@ -73,19 +153,60 @@ class ExactlyOnce:
     def prepare(self, producer: KafkaProducer) -> None:
         producer.init_transactions()
 
-    def deliver(self, outcome: BatchOutcome, producer, consumer) -> None:
-        producer.begin_transaction()
+    def in_flight(self) -> int:
+        return self._records
+
+    def due_in_s(self) -> float | None:
+        if not self._batches:
+            return None
+        return max(0.0, self._opened_at + self.interval_s - self.clock())
+
+    def submit(self, outcome: BatchOutcome, producer, consumer) -> None:
+        if not self._open:
+            producer.begin_transaction()
+            self._open, self._opened_at = True, self.clock()
+        self._batches.append((outcome, time.perf_counter()))
+        self._records += len(outcome.records)
+        self._futures += _send(producer, outcome, self.output_topic, self.dlq_topic)
+
+    def settle(self, producer, consumer, wait: Wait = "none") -> Settled:
+        if not self._batches:
+            return Settled()
+        due = (
+            wait == "all"
+            or self._records >= self.max_records
+            or self.clock() - self._opened_at >= self.interval_s
+        )
+        if not due:
+            return Settled()
+        outcomes = [o for o, _ in self._batches]
         try:
-            futures = _send(producer, outcome, self.output_topic, self.dlq_topic)
-            producer.send_offsets_to_transaction(outcome.offsets, consumer.group_metadata())
+            producer.send_offsets_to_transaction(merge_offsets(outcomes), consumer.group_metadata())
             producer.commit_transaction()  # flushes, then commits outputs and offsets atomically
-            _check_acknowledged(futures)
-        except BaseException:
-            try:
-                producer.abort_transaction()
-            except Exception as e:
-                log.warning("abort_transaction_failed", error=str(e))
-            raise
+            self._open = False
+            _check_acknowledged(self._futures)
+        except (KafkaError, PublishError) as e:
+            self._abort(producer)
+            return Settled(error=e)
+        now = time.perf_counter()
+        finished = [Finished(o, now - t) for o, t in self._batches]
+        self._batches, self._futures, self._records = [], [], 0
+        return Settled(finished)
+
+    def abandon(self, producer) -> list:
+        self._abort(producer)
+        records = [r for o, _ in self._batches for r in o.records]
+        self._batches, self._futures, self._records = [], [], 0
+        return records
+
+    def _abort(self, producer) -> None:
+        if not self._open:
+            return
+        self._open = False
+        try:
+            producer.abort_transaction()
+        except Exception as e:
+            log.warning("abort_transaction_failed", error=str(e))
 
 
 def delivery_for(settings: WorkerSettings) -> Delivery:
@@ -112,3 +233,9 @@ def _check_acknowledged(futures: list) -> None:
         raise PublishError(
             f"{len(failed)} of {len(futures)} outputs not acknowledged: {failed[0].exception}"
         )
+
+
+def _log_commit_failure(offsets, response) -> None:
+    # A later commit, or the synchronous one of the next drain, covers these offsets.
+    if isinstance(response, Exception):
+        log.warning("commit_failed", error=str(response) or type(response).__name__, sync=False)

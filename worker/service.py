@@ -1,8 +1,9 @@
-"""The worker loop: poll → micro-batch → score (worker/step.py) → deliver → count.
+"""The worker loop: poll → micro-batch → score (worker/step.py) → submit → settle → count.
 
+A batch's outputs are in flight while the next batch is polled and scored.
 Offsets are committed only for records whose events and DLQ records the broker
-acknowledged (at-least-once), or inside the same transaction (exactly-once); see
-worker/delivery.py and docs/contract.md#delivery-guarantees.
+acknowledged, in order (at-least-once), or inside the same transaction
+(exactly-once); see worker/delivery.py and docs/contract.md#delivery-guarantees.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from kafka.errors import KafkaError
 from worker.batcher import MicroBatcher
 from worker.clients import KafkaClients, open_clients
 from worker.codec import Codec
-from worker.delivery import PublishError, delivery_for, rewind
+from worker.delivery import Settled, delivery_for, rewind
 from worker.health import Health, HealthServer, broker_silence
 from worker.metrics import WorkerMetrics
 from worker.reload import CheckpointWatcher
@@ -32,6 +33,9 @@ from worker.step import BatchOutcome, first_offsets, score_records
 log = structlog.get_logger("worker")
 
 IDLE_POLL_S = 0.2
+# While outputs are in flight the poll returns this soon, so acknowledged batches
+# are committed promptly even when no record arrives.
+IN_FLIGHT_POLL_S = 0.02
 POLL_RETRY_S = 0.5
 PUBLISH_RETRY_S = 1.0
 MAX_CONNECT_BACKOFF_S = 15.0
@@ -286,16 +290,24 @@ class Worker:
         return self.clients.consumer.assignment() if self.clients else set()
 
     def flush(self, reason: str) -> None:
-        """Score, deliver and commit everything in hand (revocation, swap, shutdown)."""
-        while len(self.batcher) and self.clients is not None:
-            log.debug("flush", reason=reason, records=len(self.batcher))
+        """Score and send everything in hand, wait for every output, commit synchronously
+        (revocation, swap, shutdown)."""
+        if self.clients is None:
+            return
+        log.debug("flush", reason=reason, records=len(self.batcher), in_flight=self._in_flight())
+        while len(self.batcher):
             if not self._process(self.batcher.take()):
-                break
+                return
+        self._settle(wait="all")
+
+    def _in_flight(self) -> int:
+        """Records polled and not yet committed: in the batcher or delivering."""
+        return len(self.batcher) + self.delivery.in_flight()
 
     # -- the loop ------------------------------------------------------------------
 
     def _loop(self) -> None:
-        while not self.stopping and not self.bounds.done(self.summary.records, len(self.batcher)):
+        while not self.stopping and not self.bounds.done(self.summary.records, self._in_flight()):
             self.health.beat()
             if self.clients is None:
                 self._connect()
@@ -304,6 +316,8 @@ class Worker:
             if pending is not None:
                 self.flush(reason="model swap")  # the batch in hand is scored by the model it met
                 self._serve(pending)
+            if not self._settle():
+                continue
             if self.batcher.due():
                 self._process(self.batcher.take())
             else:
@@ -311,10 +325,13 @@ class Worker:
 
     def _poll(self) -> None:
         room = self.batcher.room()
-        bounded = self.bounds.room(self.summary.records, len(self.batcher))
+        bounded = self.bounds.room(self.summary.records, self._in_flight())
         # Never block longer than IDLE_POLL_S, even for a batch that is due much later
         # (a long WORKER_MAX_BATCH_WAIT_MS): a stop request is honoured within that.
         wait_s = min(self.batcher.wait_s(IDLE_POLL_S), IDLE_POLL_S)
+        due_in = self.delivery.due_in_s()
+        if due_in is not None:
+            wait_s = min(wait_s, max(due_in, IN_FLIGHT_POLL_S))
         if bounded is not None and bounded <= 0:  # a bounded run holds all it may take
             self._stop.wait(wait_s)
             return
@@ -341,29 +358,46 @@ class Worker:
         return broker_silence(consumer, self.settings.session_timeout_ms / 1000)
 
     def _process(self, records: list) -> bool:
-        """One micro-batch end to end. Returns False when its delivery failed."""
+        """Score one micro-batch and send its outputs, once there is room in flight.
+        Returns False when a delivery failed (and the consumer was rewound)."""
         if not records:
             return True
         outcome = score_records(records, self.codec, self.scorer, self.settings.emit == "all")
-        t0 = time.perf_counter()
-        try:
-            self.delivery.deliver(outcome, self.clients.producer, self.clients.consumer)
-        except (PublishError, KafkaError) as e:
-            self._rewind(records, e)
+        if not self._settle(wait="room", unsent=records):
             return False
-        self._count(outcome, time.perf_counter() - t0)
+        try:
+            self.delivery.submit(outcome, self.clients.producer, self.clients.consumer)
+        except KafkaError as e:
+            self._rewind(e, unsent=records)
+            return False
         return True
 
-    def _rewind(self, batch: list, error: Exception) -> None:
-        """Nothing of the batch was committed: rewind to its first records and retry later.
-        Records polled after the batch are dropped too: the rewind fetches them again."""
+    def _settle(self, wait: str = "none", unsent: list | None = None) -> bool:
+        """Count and commit what finished delivering; on a failure, rewind.
+        Returns False when a delivery failed."""
+        clients = self.clients
+        try:
+            settled = self.delivery.settle(clients.producer, clients.consumer, wait)
+        except KafkaError as e:  # e.g. a flush that timed out: nothing was committed
+            settled = Settled(error=e)
+        for finished in settled.finished:
+            self._count(finished.outcome, finished.publish_s)
+        if settled.error is not None:
+            self._rewind(settled.error, unsent or [])
+            return False
+        return True
+
+    def _rewind(self, error: Exception, unsent: list) -> None:
+        """Nothing from the failed batch on was committed: drop everything in flight and
+        in hand, rewind to the first uncommitted records and retry after a pause."""
         self.summary.publish_failures += 1
         self.metrics.publish_failures.inc()
-        firsts = first_offsets(batch + self.batcher.clear())
+        dropped = self.delivery.abandon(self.clients.producer) + unsent + self.batcher.clear()
+        firsts = first_offsets(dropped)
         log.error(
             "publish_failed",
             error=str(error) or type(error).__name__,
-            records=len(batch),
+            records=len(dropped),
             rewound={f"{tp.topic}-{tp.partition}": off for tp, off in firsts.items()},
             action="nothing committed; retrying from the first uncommitted records",
         )

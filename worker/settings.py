@@ -99,6 +99,9 @@ class WorkerSettings(BaseSettings):
     # the Kafka client's own threads (and the broker's) for the cores.
     torch_threads: int = Field(default=1, ge=1, le=256)
     delivery: Delivery = "at-least-once"
+    # Exactly-once only: one transaction spans the micro-batches of this interval (and
+    # at most 4 × max_batch_size records); longer means fewer transactions, later reads.
+    commit_interval_ms: int = Field(default=100, ge=0, le=60_000)
     # Compression of the events and DLQ records the worker publishes. Compressed input
     # (any codec) is read transparently.
     compression: Literal["none", "gzip", "lz4", "zstd"] = "none"

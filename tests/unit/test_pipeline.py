@@ -1,0 +1,270 @@
+"""The pipelined at-least-once commit rule, with fake futures and a fake consumer:
+commit in order, only acknowledged batches, never past an unfinished or failed one."""
+
+from __future__ import annotations
+
+from collections import namedtuple
+
+import pytest
+from kafka.errors import KafkaError, KafkaTimeoutError
+from kafka.structs import TopicPartition
+
+from worker.delivery import AtLeastOnce, ExactlyOnce
+from worker.pipeline import Pipeline, merge_offsets
+from worker.settings import WorkerSettings
+from worker.step import BatchOutcome, first_offsets, next_offsets
+
+Record = namedtuple("Record", "topic partition offset")
+TP0, TP1 = TopicPartition("in", 0), TopicPartition("in", 1)
+
+
+class FakeFuture:
+    def __init__(self):
+        self.is_done, self.exception = False, None
+
+    def ack(self):
+        self.is_done = True
+
+    def fail(self, error="injected"):
+        self.is_done, self.exception = True, KafkaError(error)
+
+    def succeeded(self):
+        return self.is_done and self.exception is None
+
+    def get(self, timeout=None):
+        if not self.is_done:
+            raise KafkaTimeoutError("fake: not done")
+        if self.exception:
+            raise self.exception
+
+
+def batch(partition_offsets: dict[int, range]) -> BatchOutcome:
+    records = [Record("in", p, o) for p, offs in partition_offsets.items() for o in offs]
+    return BatchOutcome(records=records, events=[], dlq=[], offsets=next_offsets(records))
+
+
+def futures(n: int) -> list[FakeFuture]:
+    return [FakeFuture() for _ in range(n)]
+
+
+def committed_to(offsets) -> dict:
+    return {tp: om.offset for tp, om in offsets.items()}
+
+
+def test_acknowledged_batches_leave_in_order_and_stop_at_the_first_unfinished():
+    p = Pipeline(depth=4)
+    fs = [futures(2), futures(2), futures(2)]
+    outcomes = [batch({0: range(i * 10, i * 10 + 10)}) for i in range(3)]
+    for o, f in zip(outcomes, fs, strict=True):
+        p.add(o, f)
+    assert p.records == 30
+    for f in fs[1] + fs[2]:  # later batches done first
+        f.ack()
+    assert p.take_acknowledged().finished == [], "nothing behind an unfinished head"
+    fs[0][0].ack()
+    assert p.take_acknowledged().finished == []
+    fs[0][1].ack()
+    settled = p.take_acknowledged()
+    assert [f.outcome for f in settled.finished] == outcomes and settled.error is None
+    assert len(p) == 0 and p.records == 0
+
+
+def test_a_failed_batch_is_never_passed_and_abandon_returns_everything_behind_it():
+    p = Pipeline(depth=4)
+    fs = [futures(1), futures(3), futures(1)]
+    outcomes = [
+        batch({0: range(0, 5)}),
+        batch({0: range(5, 9), 1: range(0, 2)}),
+        batch({1: range(2, 4)}),
+    ]
+    for o, f in zip(outcomes, fs, strict=True):
+        p.add(o, f)
+    fs[0][0].ack()
+    fs[1][0].ack()
+    fs[1][1].fail("broker refused")
+    fs[1][2].ack()
+    fs[2][0].ack()
+    settled = p.take_acknowledged()
+    assert [f.outcome for f in settled.finished] == outcomes[:1]
+    assert "1 of 3 outputs not acknowledged" in str(settled.error)
+    assert p.take_acknowledged().finished == [], "the failed batch stays at the head"
+    dropped = p.abandon()
+    assert first_offsets(dropped) == {TP0: 5, TP1: 0}
+    assert len(p) == 0 and p.records == 0
+
+
+def test_a_batch_without_outputs_is_acknowledged_at_once():
+    p = Pipeline(depth=2)
+    p.add(batch({0: range(3)}), [])
+    assert len(p.take_acknowledged().finished) == 1
+
+
+def test_merge_offsets_takes_the_newest_per_partition():
+    merged = merge_offsets([batch({0: range(0, 5), 1: range(0, 2)}), batch({0: range(5, 7)})])
+    assert committed_to(merged) == {TP0: 7, TP1: 2}
+
+
+# -- AtLeastOnce over the pipeline: what is committed, how --------------------------------
+
+
+class FakeProducer:
+    def __init__(self):
+        self.sent: list[FakeFuture] = []
+        self.flushed = 0
+
+    def send(self, topic, key=None, value=None, headers=None):
+        f = FakeFuture()
+        self.sent.append(f)
+        return f
+
+    def flush(self, timeout=None):
+        self.flushed += 1
+        for f in self.sent:
+            if not f.is_done:
+                f.ack()
+
+
+class FakeConsumer:
+    def __init__(self):
+        self.async_commits: list[dict] = []
+        self.sync_commits: list[dict] = []
+
+    def commit_async(self, offsets, callback=None):
+        self.async_commits.append(committed_to(offsets))
+
+    def commit(self, offsets):
+        self.sync_commits.append(committed_to(offsets))
+
+    def assignment(self):
+        return {TP0, TP1}
+
+
+def with_outputs(outcome: BatchOutcome, n: int) -> BatchOutcome:
+    outcome.events = [(None, b"e", [])] * n
+    return outcome
+
+
+def at_least_once(depth=4) -> AtLeastOnce:
+    return AtLeastOnce(WorkerSettings(metrics_port=0), depth=depth)
+
+
+def test_commits_are_async_in_order_and_only_for_acknowledged_batches():
+    d, producer, consumer = at_least_once(), FakeProducer(), FakeConsumer()
+    d.submit(with_outputs(batch({0: range(0, 10)}), 2), producer, consumer)
+    d.submit(with_outputs(batch({0: range(10, 20), 1: range(0, 5)}), 2), producer, consumer)
+    assert d.in_flight() == 25
+    producer.sent[2].ack()
+    producer.sent[3].ack()
+    d.settle(producer, consumer)
+    assert consumer.async_commits == [], "the second batch waits for the first"
+    producer.sent[0].ack()
+    producer.sent[1].ack()
+    settled = d.settle(producer, consumer)
+    assert len(settled.finished) == 2
+    assert consumer.async_commits == [{TP0: 20, TP1: 5}] and consumer.sync_commits == []
+    assert d.in_flight() == 0
+
+
+def test_a_failure_commits_nothing_past_it_and_a_drain_commits_synchronously():
+    d, producer, consumer = at_least_once(), FakeProducer(), FakeConsumer()
+    for i in range(3):
+        d.submit(with_outputs(batch({0: range(i * 10, i * 10 + 10)}), 1), producer, consumer)
+    producer.sent[0].ack()
+    producer.sent[1].fail()
+    producer.sent[2].ack()
+    settled = d.settle(producer, consumer)
+    assert settled.error is not None and len(settled.finished) == 1
+    assert consumer.async_commits == [{TP0: 10}]
+    assert first_offsets(d.abandon(producer)) == {TP0: 10}, "rewind to the failed batch"
+    d.submit(with_outputs(batch({0: range(10, 30)}), 1), producer, consumer)
+    settled = d.settle(producer, consumer, wait="all")
+    assert producer.flushed == 1 and settled.error is None
+    assert consumer.sync_commits == [{TP0: 30}], "the drain commits all acknowledged since"
+
+
+def test_a_full_pipeline_waits_for_its_head_and_fails_it_when_it_never_finishes():
+    d, producer, consumer = at_least_once(depth=2), FakeProducer(), FakeConsumer()
+    d.submit(with_outputs(batch({0: range(0, 10)}), 1), producer, consumer)
+    assert d.settle(producer, consumer, wait="room").error is None, "room left"
+    d.submit(with_outputs(batch({0: range(10, 20)}), 1), producer, consumer)
+    settled = d.settle(producer, consumer, wait="room")
+    assert "not acknowledged" in str(settled.error), "an unfinished head on a full pipeline"
+    assert consumer.async_commits == []
+
+
+# -- ExactlyOnce: one transaction per commit interval --------------------------------------
+
+
+class Clock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+class TxProducer(FakeProducer):
+    def __init__(self, fail_commit=False):
+        super().__init__()
+        self.calls: list[str] = []
+        self.fail_commit = fail_commit
+
+    def begin_transaction(self):
+        self.calls.append("begin")
+
+    def send_offsets_to_transaction(self, offsets, group):
+        self.calls.append(f"offsets {committed_to(offsets)}")
+
+    def commit_transaction(self):
+        if self.fail_commit:
+            raise KafkaError("injected: commit failed")
+        self.flush()
+        self.calls.append("commit")
+
+    def abort_transaction(self):
+        self.calls.append("abort")
+
+
+class GroupConsumer(FakeConsumer):
+    def group_metadata(self):
+        return "group"
+
+
+def exactly_once(clock, **kw) -> ExactlyOnce:
+    settings = WorkerSettings(metrics_port=0, commit_interval_ms=100, max_batch_size=10, **kw)
+    return ExactlyOnce(settings, depth=4, clock=clock)
+
+
+def test_one_transaction_spans_the_batches_of_an_interval():
+    clock, producer, consumer = Clock(), TxProducer(), GroupConsumer()
+    d = exactly_once(clock)
+    d.submit(with_outputs(batch({0: range(0, 5)}), 1), producer, consumer)
+    clock.t += 0.05
+    assert d.settle(producer, consumer).finished == []
+    d.submit(with_outputs(batch({0: range(5, 9), 1: range(0, 3)}), 1), producer, consumer)
+    assert d.due_in_s() == pytest.approx(0.05)
+    clock.t += 0.05
+    settled = d.settle(producer, consumer)
+    assert len(settled.finished) == 2
+    assert producer.calls == ["begin", f"offsets { {TP0: 9, TP1: 3} }", "commit"]
+    assert d.in_flight() == 0 and d.due_in_s() is None
+
+
+def test_a_transaction_closes_early_when_it_holds_enough_records():
+    clock, producer, consumer = Clock(), TxProducer(), GroupConsumer()
+    d = exactly_once(clock)  # at most 4 × 10 records
+    for i in range(4):
+        d.submit(with_outputs(batch({0: range(i * 10, i * 10 + 10)}), 1), producer, consumer)
+    assert len(d.settle(producer, consumer, wait="room").finished) == 4
+
+
+def test_a_failed_transaction_is_aborted_and_hands_back_all_its_records():
+    clock, producer, consumer = Clock(), TxProducer(fail_commit=True), GroupConsumer()
+    d = exactly_once(clock)
+    d.submit(with_outputs(batch({0: range(0, 5)}), 1), producer, consumer)
+    d.submit(with_outputs(batch({0: range(5, 9)}), 1), producer, consumer)
+    settled = d.settle(producer, consumer, wait="all")
+    assert settled.error is not None and settled.finished == []
+    assert producer.calls[-1] == "abort"
+    assert first_offsets(d.abandon(producer)) == {TP0: 0}
+    assert producer.calls.count("abort") == 1
