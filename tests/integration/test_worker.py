@@ -388,40 +388,111 @@ def test_two_workers_split_partitions_and_score_everything(broker, topics, model
 def test_failing_publish_commits_nothing(broker, topics, model_dir):
     n = 300
     _produce_stream(broker.bootstrap, topics["input"], n)
-    failures = {"left": 3}
+    failures = {"left": 3, "failed_since_rewind": False}
     seen_commits = []
 
     def open_then_break_publishing(*args):
         clients = open_clients(*args)
         real_send = clients.producer.send
-        real_commit = clients.consumer.commit
-        real_flush = clients.producer.flush
+        real_seek = clients.consumer.seek
+        real_commit, real_commit_async = clients.consumer.commit, clients.consumer.commit_async
 
         def send(topic, **kw):
             if failures["left"] > 0:
+                failures["failed_since_rewind"] = True
                 return Future().failure(KafkaError("injected: broker refused the write"))
             return real_send(topic, **kw)
 
-        def flush_then_count(*a, **kw):
-            if failures["left"] > 0:
+        def seek(tp, offset):  # a rewind seeks each partition: count one failure per rewind
+            if failures["failed_since_rewind"]:
+                failures["failed_since_rewind"] = False
                 failures["left"] -= 1
-            return real_flush(*a, **kw)
+            return real_seek(tp, offset)
 
         def commit(offsets=None, **kw):
             seen_commits.append(failures["left"])
             return real_commit(offsets, **kw)
 
+        def commit_async(offsets=None, **kw):
+            seen_commits.append(failures["left"])
+            return real_commit_async(offsets, **kw)
+
         clients.producer.send = send
-        clients.producer.flush = flush_then_count
+        clients.consumer.seek = seek
         clients.consumer.commit = commit
+        clients.consumer.commit_async = commit_async
         return clients
 
     settings = settings_for(broker, topics, model_dir, emit="all", max_records=n)
     summary = Worker(settings, open_clients=open_then_break_publishing).run()
     assert summary.publish_failures == 3
+    assert seen_commits, "the worker commits"
     assert all(left == 0 for left in seen_commits), "no commit may happen while publishing fails"
     assert sum(committed_offsets(broker.bootstrap, topics["group"], topics["input"]).values()) == n
     events = events_of(read_topic(broker.bootstrap, topics["output"], expect=n))
+    assert {e["id"] for e in events} == {f"x{i}" for i in range(n)}
+
+
+def test_outputs_failing_mid_stream_lose_nothing_and_commit_nothing_past_a_failure(
+    broker, topics, model_dir
+):
+    # Small batches, several in flight; after 1000 outputs every send fails for 1.5 s.
+    # Each commit may cover only records whose event the broker acknowledged.
+    n, fail_after, fail_s = 3000, 1000, 1.5
+    _produce_stream(broker.bootstrap, topics["input"], n)
+    sent: list[tuple[int, int, Future]] = []  # (source partition, source offset, future)
+    window = {"start": None}
+    violations, depths = [], []
+    worker: Worker
+
+    def failing(now: float) -> bool:
+        if window["start"] is None and len(sent) >= fail_after:
+            window["start"] = now
+        return window["start"] is not None and now - window["start"] < fail_s
+
+    def open_with_a_failing_spell(*args):
+        clients = open_clients(*args)
+        real_send, real_commit_async = clients.producer.send, clients.consumer.commit_async
+        real_commit = clients.consumer.commit
+
+        def send(topic, **kw):
+            source = orjson.loads(kw["value"])["source"]
+            if failing(time.monotonic()):
+                future = Future().failure(KafkaError("injected: broker refused the write"))
+            else:
+                future = real_send(topic, **kw)
+            sent.append((source["partition"], source["offset"], future))
+            depths.append(len(worker.delivery.pipeline))
+            return future
+
+        def check(offsets):
+            acked = {(p, o) for p, o, f in sent if f.succeeded()}
+            for tp, om in offsets.items():
+                missing = [o for o in range(om.offset) if (tp.partition, o) not in acked]
+                if missing:
+                    violations.append((tp.partition, om.offset, missing[:5]))
+
+        def commit_async(offsets=None, **kw):
+            check(offsets)
+            return real_commit_async(offsets, **kw)
+
+        def commit(offsets=None, **kw):
+            check(offsets)
+            return real_commit(offsets, **kw)
+
+        clients.producer.send = send
+        clients.consumer.commit_async = commit_async
+        clients.consumer.commit = commit
+        return clients
+
+    settings = settings_for(broker, topics, model_dir, emit="all", max_records=n, max_batch_size=50)
+    worker = Worker(settings, open_clients=open_with_a_failing_spell)
+    summary = worker.run()
+    assert not violations, f"committed past unacknowledged records: {violations[:3]}"
+    assert window["start"] is not None and summary.publish_failures >= 1
+    assert max(depths) >= 1, "batches were sent while earlier ones were in flight"
+    assert sum(committed_offsets(broker.bootstrap, topics["group"], topics["input"]).values()) == n
+    events = events_of(read_topic(broker.bootstrap, topics["output"]))  # duplicates too
     assert {e["id"] for e in events} == {f"x{i}" for i in range(n)}
 
 
