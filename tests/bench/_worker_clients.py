@@ -5,10 +5,11 @@
     python -m tests.bench._worker_clients passthrough THRESHOLD
     python -m tests.bench._worker_clients naive
 
-`passthrough` and `naive` read WORKER_*/KAFKA_* like `python -m worker`, open their
-consumer and producer with the worker's own `open_clients` and deliver through its
-at-least-once strategy, so all three loops run with the same client settings and
-publish path; they stop after WORKER_MAX_RECORDS records.
+`passthrough` and `naive` read WORKER_*/KAFKA_* like `python -m worker` and open their
+consumer and producer with the worker's own `open_clients`, so all three loops run
+with the same client settings; they stop after WORKER_MAX_RECORDS records. The
+passthrough is the ceiling: it sends and commits asynchronously and never waits for
+an acknowledgement (until its last batch); the naive loop waits for every one.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from worker.delivery import AtLeastOnce
 from worker.events import build_events, dlq_record
 from worker.scoring import BatchScores, Scorer, load_scorer
 from worker.settings import WorkerSettings
-from worker.step import BatchOutcome, next_offsets, score_records
+from worker.step import next_offsets, score_records
 
 KEYS = [b"sensor-%d" % i for i in range(64)]
 
@@ -104,12 +105,14 @@ def _clients(settings: WorkerSettings) -> tuple[KafkaClients, Scorer, Codec]:
 
 
 def passthrough(threshold: float) -> dict:
-    """The ceiling: the worker's micro-batching, codec, event builder and publish path,
-    with the model replaced by `max |x| >= threshold` (the benchmark picks the
-    threshold so this flags as many rows as the model does)."""
+    """The ceiling: the worker's micro-batching, codec and event builder, with the model
+    replaced by `max |x| >= threshold` (the benchmark picks the threshold so this flags
+    as many rows as the model does); each batch's outputs are sent and its offsets
+    committed with commit_async at once, never waiting for acknowledgements."""
     settings = WorkerSettings()
     clients, scorer, codec = _clients(settings)
-    delivery = AtLeastOnce(settings)
+    producer, consumer = clients.producer, clients.consumer
+    last_offsets: dict = {}
     batcher = MicroBatcher(settings.max_batch_size, settings.max_batch_wait_ms / 1000)
     k = scorer.top_k
     n_max, done, outputs = settings.max_records, 0, 0
@@ -135,8 +138,13 @@ def passthrough(threshold: float) -> dict:
                 build_events(decoded, fake, scorer, False, int(time.time() * 1000)) if n else []
             )
             dlq = [dlq_record(r) for r in decoded.rejected]
-            outcome = BatchOutcome(batch, events, dlq, next_offsets(batch))
-            delivery.deliver(outcome, clients.producer, clients.consumer)
+            for key, value, headers in events:
+                producer.send(settings.output_topic, key=key, value=value, headers=headers)
+            for key, value, headers in dlq:
+                producer.send(settings.dlq_topic, key=key, value=value, headers=headers)
+            offsets = next_offsets(batch)
+            consumer.commit_async(offsets)
+            last_offsets.update(offsets)
             done += len(batch)
             outputs += len(events)
             continue
@@ -148,12 +156,15 @@ def passthrough(threshold: float) -> dict:
             batcher.add(records)
         if len(batcher) and done + len(batcher) >= n_max:
             batcher.max_wait_s = 0.0  # bounded run: the last batch is due now
+    producer.flush()
+    consumer.commit(last_offsets)  # the async commits, made sure of
     clients.close()
     return {"records": done, "outputs": outputs}
 
 
 def naive() -> dict:
-    """The per-record worker: poll one, decode, score a 1-row batch, send, flush, commit."""
+    """The per-record worker: poll one, decode, score a 1-row batch, send, flush,
+    commit synchronously."""
     settings = WorkerSettings()
     clients, scorer, codec = _clients(settings)
     delivery = AtLeastOnce(settings)
@@ -162,7 +173,10 @@ def naive() -> dict:
         for records in clients.consumer.poll(timeout_ms=200, max_records=1).values():
             for rec in records:
                 outcome = score_records([rec], codec, scorer, emit_all=False)
-                delivery.deliver(outcome, clients.producer, clients.consumer)
+                delivery.submit(outcome, clients.producer, clients.consumer)
+                settled = delivery.settle(clients.producer, clients.consumer, wait="all")
+                if settled.error is not None:
+                    raise settled.error
                 done += 1
                 outputs += len(outcome.events)
     clients.close()

@@ -26,6 +26,12 @@ the worker's measured WORKER_EMIT=all throughput for --latency-s seconds, the wo
 runs with WORKER_EMIT=all, and this process reads every event, latency = arrival
 here - the input record's timestamp (set at send).
 
+Then the same loops behind a delayed link (tests/bench/_worker_delay.py): at 0, 1
+and 5 ms each way (--delay-ms), the worker in both delivery modes against the
+pipelined passthrough as the ceiling, over a float32 topic on a broker of its own.
+--delay-only runs just that part (trains its own model); --baseline-repo PATH adds
+`python -m worker` from another checkout to it.
+
 --worker-env KEY=VALUE adds an A/B loop "worker+env" (not in the standard run).
 
 Results: tests/bench/results/worker.json and markdown tables on stderr/stdout.
@@ -47,6 +53,7 @@ from kafka import KafkaAdminClient
 from kafka.admin import NewTopic
 
 from deploy.embedded_broker import EmbeddedBroker
+from tests.bench._worker_delay import delay_ratios, run_delayed
 from tests.bench._worker_measure import (
     CLIENTS,
     SAMPLE_S,
@@ -116,6 +123,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--latency-s", type=float, default=12.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--delay-ms",
+        default="0,1,5",
+        help="one-way delays of the delayed-link loops, comma-separated ('' skips them)",
+    )
+    p.add_argument("--delay-records", type=int, default=40_000)
+    p.add_argument("--delay-only", action="store_true", help="only the delayed-link loops")
+    p.add_argument("--baseline-repo", help="also run python -m worker from this checkout")
+    p.add_argument(
         "--worker-env",
         action="append",
         default=[],
@@ -134,8 +149,12 @@ def main(argv: list[str] | None = None) -> dict:
     info = machine()
     with tempfile.TemporaryDirectory(prefix="bench-worker-") as tmp:
         tmp = Path(tmp)
-        with EmbeddedBroker(log_path=tmp / "tansu.log") as broker:
-            results = _run(args, broker, tmp)
+        results = {}
+        if not args.delay_only:
+            with EmbeddedBroker(log_path=tmp / "tansu.log") as broker:
+                results = _run(args, broker, tmp)
+        if args.delay_ms:
+            results.update(_delayed(args, tmp))
     results = {
         "benchmark": NAME,
         "date": now_iso(),
@@ -145,9 +164,28 @@ def main(argv: list[str] | None = None) -> dict:
         **results,
     }
     if not args.no_write:  # before rendering: a rendering bug must not lose a run
-        log(f"wrote {write_results(NAME, results)}")
+        log(f"wrote {write_results(NAME + ('-delay' if args.delay_only else ''), results)}")
     print(render(results))
     return results
+
+
+def _delayed(args: argparse.Namespace, tmp: Path) -> dict:
+    """The delayed-link loops; the model of the main run, or one trained here."""
+    from worker.checkpoint import read_latest
+    from worker.scoring import load_scorer
+
+    model_dir = tmp / "models"
+    if not model_dir.exists():
+        train(model_dir, args.seed)
+    x, _ = make_data(args.delay_records, args.seed + 20)
+    np.save(tmp / "delay.npy", x)
+    scorer = load_scorer(model_dir / read_latest(model_dir), device="cpu")
+    flagged = scorer.score_batch(x).is_anomaly.mean()
+    threshold = float(np.quantile(np.abs(x).max(axis=1), 1 - flagged))
+    delays = [float(d) for d in args.delay_ms.split(",")]
+    delayed = run_delayed(delays, tmp / "delay.npy", model_dir, threshold, tmp, args.baseline_repo)
+    ratios = [ratio(name, value, None, NAME) for name, value in delay_ratios(delayed)]
+    return {"delayed": delayed, "delay_ratios": ratios}
 
 
 def _run(args: argparse.Namespace, broker: EmbeddedBroker, tmp: Path) -> dict:
@@ -426,7 +464,26 @@ def _run(args: argparse.Namespace, broker: EmbeddedBroker, tmp: Path) -> dict:
     }
 
 
+def render_delayed(results: dict) -> str:
+    rows = [
+        [
+            f"{delay} ms",
+            kind,
+            r["records"],
+            r["records_per_s"],
+            r["records_per_s"] / loops["passthrough"]["records_per_s"],
+            r["cpu_us_per_record"],
+        ]
+        for delay, loops in results["delayed"].items()
+        for kind, r in loops.items()
+    ]
+    head = ["delay each way", "loop (float32, 1 partition)", "records", "records/s"]
+    return markdown_table([*head, "/ passthrough", "CPU µs/record"], rows)
+
+
 def render(results: dict) -> str:
+    if "throughput" not in results:
+        return render_delayed(results)
     t = results["throughput"]
     rows = []
     for enc, label in (("json", "JSON"), ("float32", "float32"), ("rows", "float32-rows")):
@@ -535,6 +592,8 @@ def render(results: dict) -> str:
             ],
         ),
     ]
+    if "delayed" in results:
+        out += ["", render_delayed(results)]
     return "\n".join(out)
 
 
@@ -551,6 +610,8 @@ if __name__ == "__main__":
 def summary_rows(results: dict) -> list[dict]:
     """Key figures for the one table of `python -m tests.bench.run`: figure, value, goal
     (text), met, and what was measured side by side (rates with CPU µs per record)."""
+    if "throughput" not in results:  # a --delay-only run
+        return _delay_rows(results)
     t, lat = results["throughput"], results["latency"]
     by_name = {r["name"]: r for r in results["ratios"]}
 
@@ -659,4 +720,24 @@ def summary_rows(results: dict) -> list[dict]:
                 f"send→detected p50 / p99 {d.get('p50_ms', 0):.0f} / {d.get('p99_ms', 0):.0f} ms",
             )
         )
+    return out + _delay_rows(results)
+
+
+def _delay_rows(results: dict) -> list[dict]:
+    """Per delay and delivery mode: the worker against the passthrough of the same run."""
+    out = []
+    for delay, loops in results.get("delayed", {}).items():
+        ceiling = loops["passthrough"]
+        for kind in ("worker, at-least-once", "worker, exactly-once"):
+            r = loops[kind]
+            out.append(
+                {
+                    "figure": f"delay {delay} ms each way: {kind} / passthrough",
+                    "value": r["records_per_s"] / ceiling["records_per_s"],
+                    "goal": "",
+                    "met": None,
+                    "detail": f"{r['records_per_s']:,.0f} vs {ceiling['records_per_s']:,.0f} "
+                    "rec/s (float32, 1 partition, pipelined passthrough)",
+                }
+            )
     return out

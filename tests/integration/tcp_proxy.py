@@ -11,11 +11,17 @@ Modes:
 
 Every mode change is recorded in `history` (monotonic time, mode), so tests can
 measure outage and recovery times.
+
+`delay_s` adds latency without capping bandwidth: each chunk read is forwarded
+`delay_s` after it arrived, by a writer thread per direction (a sleep in the reader
+would let one chunk through per delay). It applies to connections accepted after
+it is set.
 """
 
 from __future__ import annotations
 
 import contextlib
+import queue
 import socket
 import threading
 import time
@@ -36,6 +42,7 @@ class TcpProxy:
         self._listener: socket.socket | None = None
         self._accept_thread: threading.Thread | None = None
         self.accepted = 0
+        self.delay_s = 0.0
 
     # -- control -------------------------------------------------------------------
 
@@ -142,9 +149,17 @@ class TcpProxy:
             with self._lock:
                 self._conns.update((client, upstream))
             for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+                threading.Thread(target=self._pump, args=(a, b, self.delay_s), daemon=True).start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, delay_s: float = 0.0) -> None:
+        send = dst.sendall
+        if delay_s > 0:
+            line: queue.SimpleQueue = queue.SimpleQueue()
+            threading.Thread(target=_deliver_late, args=(line, dst), daemon=True).start()
+
+            def send(data: bytes) -> None:
+                line.put((time.monotonic() + delay_s, data))
+
         try:
             while True:
                 # Hold bytes back while stalled; a stalled link does not read either,
@@ -158,15 +173,27 @@ class TcpProxy:
                 while not self._flowing.wait(0.2):
                     if src not in self._conns:
                         return
-                dst.sendall(data)
+                send(data)
         except OSError:
             pass
         finally:
+            if delay_s > 0:
+                line.put(None)
             with self._lock:
                 self._conns.discard(src)
                 self._conns.discard(dst)
             _kill(src)
             _kill(dst)
+
+
+def _deliver_late(line: queue.SimpleQueue, dst: socket.socket) -> None:
+    while (item := line.get()) is not None:
+        due, data = item
+        time.sleep(max(0.0, due - time.monotonic()))
+        try:
+            dst.sendall(data)
+        except OSError:
+            return
 
 
 def _kill(sock: socket.socket) -> None:
