@@ -9,8 +9,9 @@ Per delay, over one pre-filled float32 topic (one consumer group per loop):
 * passthrough             the ceiling: poll, decode, send, commit_async, never
                           waiting for an acknowledgement (tests/bench/_worker_clients.py)
 
-`baseline_repo` adds "worker, at-least-once (baseline)": `python -m worker` from
-another checkout (the same loop before a change), run against the same topic.
+`baseline_repo` adds "worker, at-least-once (baseline)" and "worker, exactly-once
+(baseline)": `python -m worker` from another checkout (the same loop before a
+change), against the same topic.
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ def _run(broker, proxy, delays_ms, data, model_dir, threshold, tmp, baseline_rep
         capture_output=True,
     )
     n = json.loads(fill.stdout.decode().strip().splitlines()[-1])["records"]
-    loops = [*LOOPS, *(["worker, at-least-once (baseline)"] if baseline_repo else [])]
+    baselines = [f"{kind} (baseline)" for kind in LOOPS if kind.startswith("worker")]
+    loops = [*LOOPS, *(baselines if baseline_repo else [])]
     out: dict = {}
     for delay in delays_ms:
         proxy.delay_s = delay / 1000  # connections opened from now on
@@ -94,8 +96,8 @@ def _run(broker, proxy, delays_ms, data, model_dir, threshold, tmp, baseline_rep
                 cmd = [sys.executable, "-c", run, baseline_repo]
             else:
                 cmd = [sys.executable, "-m", "worker"]
-                if kind.endswith("exactly-once"):
-                    env["WORKER_DELIVERY"] = "exactly-once"
+            if "exactly-once" in kind:
+                env["WORKER_DELIVERY"] = "exactly-once"
             log(f"delay {delay:g} ms each way, {kind}: {n} records")
             r = run_group(slug, [(cmd, env)], Probe(admin, slug, TOPIC), n, tmp, broker._proc.pid)
             log(

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from kafka import TopicPartition
 
-from worker.service import RebalanceListener, RunBounds
+from worker.bounds import RunBounds
+from worker.service import RebalanceListener
 
 TIMEOUT_S = 8.0
 
