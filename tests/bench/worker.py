@@ -127,7 +127,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default="0,1,5",
         help="one-way delays of the delayed-link loops, comma-separated ('' skips them)",
     )
-    p.add_argument("--delay-records", type=int, default=40_000)
+    p.add_argument("--delay-records", type=int, default=100_000)
     p.add_argument("--delay-only", action="store_true", help="only the delayed-link loops")
     p.add_argument("--baseline-repo", help="also run python -m worker from this checkout")
     p.add_argument(
