@@ -93,9 +93,9 @@ def _run(broker, proxy, delays_ms, data, model_dir, threshold, tmp, baseline_rep
             if kind == "passthrough":
                 cmd = [*CLIENTS, "passthrough", str(threshold)]
             elif kind.endswith("(baseline)"):
-                run = "import runpy, sys; sys.path.insert(0, sys.argv[1]); "
+                run = f"import runpy, sys; sys.path.insert(0, {str(baseline_repo)!r}); "
                 run += "runpy.run_module('worker', run_name='__main__', alter_sys=True)"
-                cmd = [sys.executable, "-c", run, baseline_repo]
+                cmd = [sys.executable, "-c", run]
             else:
                 cmd = [sys.executable, "-m", "worker"]
             if "exactly-once" in kind:
