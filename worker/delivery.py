@@ -99,7 +99,11 @@ class AtLeastOnce:
         elif wait == "room" and self.pipeline.full():
             self.pipeline.wait_head(FLUSH_TIMEOUT_S)
         settled = self.pipeline.take_acknowledged()
-        stuck = wait == "all" or (wait == "room" and self.pipeline.full())
+        stuck = (
+            wait == "all"
+            or (wait == "room" and self.pipeline.full())
+            or self.pipeline.head_age_s() > FLUSH_TIMEOUT_S
+        )
         if settled.error is None and stuck and len(self.pipeline):
             settled.error = PublishError(
                 f"{self.pipeline.unfinished()} outputs not acknowledged in {FLUSH_TIMEOUT_S}s"

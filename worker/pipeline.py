@@ -62,6 +62,10 @@ class _InFlight:
 
     def wait(self, deadline: float, clock: Callable[[], float]) -> None:
         for f in self.futures[self.checked :]:
+            if f.is_done:
+                if f.exception is not None:
+                    return
+                continue
             try:
                 f.get(timeout=max(0.0, deadline - clock()))
             except Exception:  # failed or timed out: state() tells which
@@ -127,6 +131,10 @@ class Pipeline:
             self._records -= len(head.outcome.records)
             settled.finished.append(Finished(head.outcome, now - head.sent_at))
         return settled
+
+    def head_age_s(self) -> float:
+        """How long ago the oldest batch in flight was sent (0 when empty)."""
+        return self.clock() - self._batches[0].sent_at if self._batches else 0.0
 
     def unfinished(self) -> int:
         """Outputs of the head batch not acknowledged yet (0 when empty)."""

@@ -67,7 +67,8 @@ class RunSummary:
 
 
 class RebalanceListener(ConsumerRebalanceListener):
-    """Finishes the batch in hand before partitions go, and reports what is held.
+    """Finishes the batch in hand and everything in flight, and commits, before
+    partitions go; reports what is held.
 
     kafka-python still lists revoked partitions in assignment() while the group
     rebalances, so they are taken out here: a rejoining worker holds nothing.

@@ -192,6 +192,18 @@ def test_a_full_pipeline_waits_for_its_head_and_fails_it_when_it_never_finishes(
     assert consumer.async_commits == []
 
 
+def test_a_batch_unacknowledged_for_30_s_fails_even_with_room_left():
+    d, producer, consumer = at_least_once(), FakeProducer(), FakeConsumer()
+    clock = Clock()
+    d.pipeline.clock = clock
+    d.submit(with_outputs(batch({0: range(0, 10)}), 1), producer, consumer)
+    clock.t += 29
+    assert d.settle(producer, consumer).error is None
+    clock.t += 2
+    assert "not acknowledged in 30s" in str(d.settle(producer, consumer).error)
+    assert consumer.async_commits == []
+
+
 # -- ExactlyOnce: one transaction per commit interval --------------------------------------
 
 
