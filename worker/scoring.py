@@ -145,8 +145,9 @@ class Scorer:
         elif explain == "anomalies":
             rows = torch.nonzero(scores >= self._threshold).squeeze(1)
             top = err.new_zeros((len(scores), 3 * self.top_k))
-            picked = self._explain(err.index_select(0, rows), recon.index_select(0, rows))
-            top.index_copy_(0, rows, picked)
+            if len(rows):  # none anomalous (most small batches): nothing to explain
+                picked = self._explain(err.index_select(0, rows), recon.index_select(0, rows))
+                top.index_copy_(0, rows, picked)
             cols.append(top)
         return torch.cat(cols, dim=1)
 
