@@ -19,6 +19,7 @@ from worker.checkpoint import Checkpoint, GoldenMismatch, Manifest, read_checkpo
 from worker.executors import GRAPH_MAX_ROWS, EagerExecutor, make_executor
 from worker.executors import bucket_rows as bucket_rows  # re-exported: part of the scoring API
 from worker.executors import pad_into as pad_into
+from worker.model_config import ScoreKind
 
 Precision = Literal["fp32", "bf16"]
 Explain = Literal["all", "anomalies", "none"]
@@ -45,9 +46,6 @@ def resolve_device(spec: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {spec!r} requested but CUDA is not available")
     return device
-
-
-ScoreKind = Literal["mse", "mae"]
 
 
 def errors_to_score(err: torch.Tensor, kind: ScoreKind) -> torch.Tensor:
