@@ -7,7 +7,7 @@ One run, four sections, each written to the results file as soon as it is done (
 run cut short still leaves its figures), with a deadline (--budget-s) that skips
 what would not fit:
 
-a. scoring step: score_tensor (tests/bench/scoring_tools.py) on a device-resident
+a. scoring step: score_tensor (tests/bench/_scoring_tools.py) on a device-resident
    float32 batch (CUDA events around R calls; CUDA graphs on and off), and the full
    Scorer.score_batch (host numpy in → host results out, explain="anomalies": what
    the worker pays), rows/s,
@@ -220,7 +220,7 @@ def devices(args: argparse.Namespace) -> list[torch.device]:
 
 def scoring_section(run: Run, models: dict[str, Path]) -> None:
     """a. rows/s of score_tensor (device-resident) and score_batch (host in/out)."""
-    from tests.bench.scoring_tools import score_tensor
+    from tests.bench._scoring_tools import score_tensor
     from worker.checkpoint import read_checkpoint
     from worker.scoring import Scorer, verify_golden
 
@@ -278,7 +278,7 @@ def scoring_section(run: Run, models: dict[str, Path]) -> None:
 
 def precision_section(run: Run, models: dict[str, Path]) -> None:
     """b. bf16 against fp32 on the fastest device: agreement and speed; CUDA vs CPU fp32."""
-    from tests.bench.scoring_tools import precision_agreement, score_tensor
+    from tests.bench._scoring_tools import precision_agreement, score_tensor
     from worker.checkpoint import CheckpointError, read_checkpoint
     from worker.scoring import Scorer, load_scorer, verify_golden
 

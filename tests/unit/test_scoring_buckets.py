@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.bench.scoring_tools import precision_agreement, score_tensor
+from tests.bench._scoring_tools import precision_agreement, score_tensor
 from training.fit import FitResult, TrainConfig, fit
 from worker import executors
 from worker.checkpoint import Checkpoint
