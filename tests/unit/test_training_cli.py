@@ -79,6 +79,7 @@ def test_subprocess_publishes_a_verified_version_and_a_report(tmp_path, labelled
     report = json.loads((report_dir / "report.json").read_text())
     assert report["version"] == version
     assert report["threshold"] == scorer.threshold
+    assert report["threshold_method"] == "empirical" and report["tail"] is None  # 34 held out
     evaluation = report["evaluation"]
     assert evaluation["rows"] == 150 and evaluation["anomalies"] == 12
     for key in ("roc_auc", "average_precision", "precision", "recall", "fpr"):
