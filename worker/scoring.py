@@ -101,10 +101,12 @@ class Scorer:
         self._inv_scale = 1.0 / torch.tensor(m.scaler.scale, **f32)
         self._scale = torch.tensor(m.scaler.scale, **f32)
         self._calibration = torch.tensor(m.calibration, **f32)
-        # p-value of a score with `below` calibration scores under it: a table lookup
+        # p-value of a score with `below` calibration scores under it: a table lookup;
+        # beyond the tail's t (when the checkpoint has one), the tail's survival function
         n_cal = len(m.calibration)
         below = torch.arange(n_cal + 1, device=self.device)
         self._p_value_of = (n_cal - below + 1).float() / (n_cal + 1)
+        self._tail = m.tail
         self.threshold = float(m.threshold)
         # decided in float32 on both sides: the forward picks the same rows to explain
         self._threshold = torch.tensor(self.threshold, **f32)
@@ -136,8 +138,7 @@ class Scorer:
         others' explanation columns are zero)."""
         err, recon = self._errors(xd)
         scores = errors_to_score(err, self.manifest.score)
-        below = torch.searchsorted(self._calibration, scores, side="left")
-        cols = [scores[:, None], self._p_value_of.take(below)[:, None]]
+        cols = [scores[:, None], self._p_values(scores)[:, None]]
         if explain == "all":
             cols.append(self._explain(err, recon))
         elif explain == "anomalies":
@@ -148,6 +149,16 @@ class Scorer:
                 top.index_copy_(0, rows, picked)
             cols.append(top)
         return torch.cat(cols, dim=1)
+
+    def _p_values(self, scores: torch.Tensor) -> torch.Tensor:
+        """P(a normal row scores ≥ score): empirical up to the tail's t, the GPD tail's
+        survival beyond it (so p-values keep falling past the largest held-out score);
+        never below float32's smallest normal number (docs/contract.md#anomaly-events)."""
+        below = torch.searchsorted(self._calibration, scores, side="left")
+        p = self._p_value_of.take(below)
+        if self._tail is not None:
+            p = torch.where(scores > self._tail.t, self._tail.survival(scores), p)
+        return p.clamp_min(torch.finfo(torch.float32).tiny)
 
     def _explain(self, err: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
         """[E, 3k]: each row's top-k contributions, expected values and feature indices."""
