@@ -75,6 +75,12 @@ def lowest_supported_rate(n: int, tail: bool) -> float:
     return 1.0 / (EXTRAPOLATION * n) if tail else 1.0 / (n + 1)
 
 
+def supported_target(target: float, n: int) -> float:
+    """The target itself, or the lowest rate n held-out rows support when that is higher
+    (the evaluation harness trains small data sets at what they can deliver)."""
+    return max(target, lowest_supported_rate(n, can_fit_tail(n)))
+
+
 def check_target(target: float, n: int) -> None:
     """Refuse before training a target that n held-out rows cannot support even when a
     tail fits (the fit itself can only make the bound stricter)."""
