@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
 from training.config import TrainConfig
-from training.fit import DataError, FitResult, fit, split_holdout
+from training.fit import DataError, FitResult, fit, holdout_size, split_holdout
 from training.report import build_report, write_report
 from training.settings import (
     PROG,
@@ -33,6 +33,7 @@ from training.settings import (
     settings_error_message,
     train_config_error_message,
 )
+from training.tail import check_target
 from worker.checkpoint import list_versions, publish
 from worker.datafile import Dataset, load_dataset
 from worker.logs import configure_logging
@@ -63,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
             return run_from_kafka(settings, config, interactive)
         dataset = load_dataset(settings.data, settings.label_column, settings.id_column)
         dataset.require_training_rows(settings.data)
+        check_target(
+            config.target_fpr, holdout_size(len(dataset.normal_rows), config.holdout_fraction)
+        )
         ensure_writable(settings.out, "--out")
         if settings.report_dir is not None:
             ensure_writable(settings.report_dir, "--report-dir")

@@ -6,7 +6,6 @@ This is the library the CLI (training.__main__) and the evaluation harness call.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,8 +14,10 @@ import numpy as np
 
 from training.autotune import choose_penalty_weight
 from training.config import TrainConfig
+from training.tail import calibrate, check_target
 from training.train_loop import History, train_model
-from worker.checkpoint import Checkpoint, Golden, Manifest, Scaler, calibration_summary
+from worker.calibration import calibration_summary
+from worker.checkpoint import Checkpoint, Golden, Manifest, Scaler
 from worker.datafile import DataError  # noqa: F401 - re-exported for the trainer
 from worker.model import ContractiveAutoencoder
 from worker.scoring import Scorer
@@ -58,26 +59,15 @@ class FitResult:
         )
 
 
+def holdout_size(n: int, fraction: float) -> int:
+    return max(1, int(round(n * fraction)))
+
+
 def split_holdout(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     order = rng.permutation(n)
-    n_hold = max(1, int(round(n * fraction)))
+    n_hold = holdout_size(n, fraction)
     return np.sort(order[n_hold:]), np.sort(order[:n_hold])
-
-
-def calibrate_threshold(scores: np.ndarray, target_fpr: float) -> float:
-    """Smallest threshold whose false-positive rate on `scores` is ≤ target_fpr.
-
-    A row is anomalous when score ≥ threshold; with n held-out normal scores the
-    threshold is the order statistic that leaves at most ⌊target·n⌋ rows at or above it
-    (conformal: the expected FPR on new normal rows is then ≤ target).
-    """
-    s = np.sort(np.asarray(scores, dtype=np.float64))
-    n = len(s)
-    k = int(math.ceil((1 - target_fpr) * (n + 1)))  # 1-based rank
-    if k > n:
-        return float(np.nextafter(s[-1], np.inf))
-    return float(np.nextafter(s[k - 1], np.inf))
 
 
 def fit(
@@ -97,6 +87,7 @@ def fit(
     if len(x) < 10:
         raise DataError(f"need at least 10 normal rows to train, got {len(x)}")
     train_idx, hold_idx = split_holdout(len(x), config.holdout_fraction, config.seed)
+    check_target(config.target_fpr, len(hold_idx))  # before minutes of training
     scaler = fit_scaler(x[train_idx], config.scaler)
     xs = apply_scaler(x, scaler)
     if config.penalty_weight == "auto":
@@ -122,11 +113,14 @@ def fit(
     )
     scorer = result.scorer()
     hold_scores = scorer.score_batch(x[hold_idx]).scores.astype(np.float64)
+    calibration = calibrate(hold_scores, config.target_fpr)
     golden_x = x[hold_idx[:GOLDEN_ROWS]]
     golden_scores = scorer.score_batch(golden_x).scores
     result.manifest = placeholder.model_copy(
         update={
-            "threshold": calibrate_threshold(hold_scores, config.target_fpr),
+            "threshold": calibration.threshold,
+            "threshold_method": calibration.method,
+            "tail": calibration.tail,
             "calibration": calibration_summary(hold_scores),
             "golden": Golden(inputs=golden_x.tolist(), scores=[float(s) for s in golden_scores]),
             "metrics": {

@@ -48,6 +48,9 @@ def build_report(
         "penalty_weight": m.penalty_weight,
         "threshold": m.threshold,
         "target_fpr": m.target_fpr,
+        "threshold_method": m.threshold_method,
+        # the GPD fitted to the held-out scores above t (null when too few to fit one)
+        "tail": m.tail.model_dump() | {"tail_rate": m.tail.tail_rate} if m.tail else None,
         "holdout": {"rows": len(result.holdout_scores), "fpr_at_threshold": holdout["fpr"]},
         "metrics": dict(m.metrics),
         "history": asdict(result.history),
@@ -128,12 +131,33 @@ def _plot_scores(Figure, path: Path, result: FitResult, scores, labels) -> Path:
             ax.hist(group, bins=bins, alpha=0.6, label=f"{name} ({len(group)})")
     if log_bins:
         ax.set_xscale("log")
-    ax.axvline(result.manifest.threshold, color="red", linestyle="--", label="threshold")
+    m = result.manifest
+    ax.axvline(m.threshold, color="red", linestyle="--", label=f"threshold ({m.threshold_method})")
+    if m.tail is not None:
+        _plot_tail(ax, m.tail, len(groups[0][1]), bins)  # expected normal rows per bin
     ax.set(xlabel="score", ylabel="rows", title="Scores")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path)
     return path
+
+
+def _plot_tail(ax, tail, n_rows: int, bins) -> None:
+    """The fitted GPD's expected count of `n_rows` normal rows per bin above t, and t."""
+    import torch
+
+    edges = np.asarray(bins, dtype=np.float64) if not isinstance(bins, int) else None
+    if edges is None:
+        lo, hi = ax.get_xlim()
+        edges = np.linspace(lo, hi, bins + 1)
+    edges = edges[edges >= tail.t]
+    if len(edges) < 2:
+        return
+    survival = tail.survival(torch.from_numpy(edges)).numpy()
+    expected = n_rows * (survival[:-1] - survival[1:])
+    label = f"GPD tail σ={tail.sigma:.3g} γ={tail.gamma:+.3f} ({tail.n_peaks} peaks)"
+    ax.step(edges[:-1], expected, where="post", color="black", label=label)
+    ax.axvline(tail.t, color="grey", linestyle=":", label="tail t")
 
 
 def _plot_roc(Figure, path: Path, labels, scores) -> Path:

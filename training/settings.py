@@ -140,6 +140,76 @@ def _choices(literal) -> str:
     return "{" + ",".join(get_args(literal)) + "}"
 
 
+# The flags by group: (flag, metavar, help); "{default}" in a help is the setting's
+# default. Each flag's setting is its name without the dashes (--target-fpr → target_fpr).
+FLAGS: dict[str, list[tuple[str, str, str]]] = {
+    "data and output": [
+        (
+            "--data",
+            "FILE",
+            "training data: .csv (header of feature names), .npy, .npz or .parquet; "
+            "required unless --from-kafka",
+        ),
+        (
+            "--out",
+            "DIR",
+            "model directory to publish into, the worker's WORKER_MODEL_DIR {default}",
+        ),
+        ("--keep", "N", "published versions to keep; older ones are pruned {default}"),
+        (
+            "--report-dir",
+            "DIR",
+            f"where report.json and the plots go (default: OUT/{REPORTS_DIRNAME}/VERSION)",
+        ),
+        (
+            "--label-column",
+            "NAME",
+            "column of 0/1 labels, 1 = anomaly; labelled anomalies are left out of training "
+            "and used for the report (default: 'label' if present)",
+        ),
+        ("--id-column", "NAME", "column of row ids (default: 'id' if present)"),
+    ],
+    "model and training": [
+        ("--target-fpr", "FPR", "false-positive rate the threshold targets {default}"),
+        (
+            "--penalty-weight",
+            "WEIGHT",
+            "λ of the contractive penalty, a number ≥ 0 or 'auto' {default}",
+        ),
+        ("--penalty-mode", _choices(PenaltyMode), "how the penalty is computed {default}"),
+        ("--projections", "N", "random projections per row, estimate mode {default}"),
+        ("--seed", "N", "random seed; same seed, same data → same model {default}"),
+        ("--epochs", "N", "maximum training epochs {default}"),
+        ("--patience", "N", "early-stopping patience in epochs {default}"),
+        ("--batch-size", "N", "training batch size {default}"),
+        ("--lr", "RATE", "Adam learning rate {default}"),
+        ("--code-dim", "N", "code width (default: a quarter of the input width, 4 to 128)"),
+        (
+            "--hidden",
+            "N,N,...",
+            "encoder hidden layer widths, e.g. 128,64 (default: none, the input feeds the code)",
+        ),
+        ("--activation", _choices(Activation), "encoder activation {default}"),
+        ("--scaler", _choices(ScalerKind), "input scaler {default}"),
+        (
+            "--torch-threads",
+            "N",
+            "CPU threads for training; 1 is fastest for small models {default}",
+        ),
+    ],
+    "retraining from the input topic": [
+        ("--input-topic", "TOPIC", "the topic to read, the worker's WORKER_INPUT_TOPIC {default}"),
+        ("--max-records", "N", "snapshot: at most the newest N records {default}"),
+        ("--max-seconds", "S", "snapshot: read for at most S seconds {default}"),
+        (
+            "--every-seconds",
+            "S",
+            "retrain every S seconds until SIGTERM (default: once, then exit)",
+        ),
+    ],
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The trainer's flags. A flag not given is left out of the result (argument_default
     SUPPRESS), so the environment and the settings' defaults fill it."""
@@ -154,126 +224,20 @@ def build_parser() -> argparse.ArgumentParser:
         argument_default=argparse.SUPPRESS,
         allow_abbrev=False,
     )
-    d = TrainerSettings.model_fields
-
-    def default(name: str) -> str:
-        return f"(default: {d[name].default})"
-
-    io = p.add_argument_group("data and output")
-    io.add_argument(
-        "--data",
-        metavar="FILE",
-        help="training data: .csv (header of feature names), .npy, .npz or .parquet; "
-        "required unless --from-kafka",
-    )
-    io.add_argument(
-        "--out",
-        metavar="DIR",
-        help=f"model directory to publish into, the worker's WORKER_MODEL_DIR {default('out')}",
-    )
-    io.add_argument(
-        "--keep",
-        metavar="N",
-        help=f"published versions to keep; older ones are pruned {default('keep')}",
-    )
-    io.add_argument(
-        "--report-dir",
-        metavar="DIR",
-        help=f"where report.json and the plots go (default: OUT/{REPORTS_DIRNAME}/VERSION)",
-    )
-    io.add_argument(
-        "--label-column",
-        metavar="NAME",
-        help="column of 0/1 labels, 1 = anomaly; labelled anomalies are left out of training "
-        "and used for the report (default: 'label' if present)",
-    )
-    io.add_argument(
-        "--id-column", metavar="NAME", help="column of row ids (default: 'id' if present)"
-    )
-
-    m = p.add_argument_group("model and training")
-    m.add_argument(
-        "--target-fpr",
-        metavar="FPR",
-        help=f"false-positive rate the threshold targets {default('target_fpr')}",
-    )
-    m.add_argument(
-        "--penalty-weight",
-        metavar="WEIGHT",
-        help=f"λ of the contractive penalty, a number ≥ 0 or 'auto' {default('penalty_weight')}",
-    )
-    m.add_argument(
-        "--penalty-mode",
-        metavar=_choices(PenaltyMode),
-        help=f"how the penalty is computed {default('penalty_mode')}",
-    )
-    m.add_argument(
-        "--projections",
-        metavar="N",
-        help=f"random projections per row, estimate mode {default('projections')}",
-    )
-    m.add_argument(
-        "--seed",
-        metavar="N",
-        help=f"random seed; same seed, same data → same model {default('seed')}",
-    )
-    m.add_argument("--epochs", metavar="N", help=f"maximum training epochs {default('epochs')}")
-    m.add_argument(
-        "--patience", metavar="N", help=f"early-stopping patience in epochs {default('patience')}"
-    )
-    m.add_argument("--batch-size", metavar="N", help=f"training batch size {default('batch_size')}")
-    m.add_argument("--lr", metavar="RATE", help=f"Adam learning rate {default('lr')}")
-    m.add_argument(
-        "--code-dim",
-        metavar="N",
-        help="code width (default: a quarter of the input width, 4 to 128)",
-    )
-    m.add_argument(
-        "--hidden",
-        metavar="N,N,...",
-        help="encoder hidden layer widths, e.g. 128,64 (default: none, the input feeds the code)",
-    )
-    m.add_argument(
-        "--activation",
-        metavar=_choices(Activation),
-        help=f"encoder activation {default('activation')}",
-    )
-    m.add_argument(
-        "--scaler", metavar=_choices(ScalerKind), help=f"input scaler {default('scaler')}"
-    )
-    m.add_argument(
-        "--torch-threads",
-        metavar="N",
-        help=f"CPU threads for training; 1 is fastest for small models {default('torch_threads')}",
-    )
-
-    k = p.add_argument_group("retraining from the input topic")
-    k.add_argument(
-        "--from-kafka",
-        action=argparse.BooleanOptionalAction,
-        help="train on a bounded snapshot of the input topic; publish only if not worse than "
-        "the live model in --out",
-    )
-    k.add_argument(
-        "--input-topic",
-        metavar="TOPIC",
-        help=f"the topic to read, the worker's WORKER_INPUT_TOPIC {default('input_topic')}",
-    )
-    k.add_argument(
-        "--max-records",
-        metavar="N",
-        help=f"snapshot: at most the newest N records {default('max_records')}",
-    )
-    k.add_argument(
-        "--max-seconds",
-        metavar="S",
-        help=f"snapshot: read for at most S seconds {default('max_seconds')}",
-    )
-    k.add_argument(
-        "--every-seconds",
-        metavar="S",
-        help="retrain every S seconds until SIGTERM (default: once, then exit)",
-    )
+    fields = TrainerSettings.model_fields
+    for title, flags in FLAGS.items():
+        group = p.add_argument_group(title)
+        if title == "retraining from the input topic":
+            group.add_argument(
+                "--from-kafka",
+                action=argparse.BooleanOptionalAction,
+                help="train on a bounded snapshot of the input topic; publish only if not "
+                "worse than the live model in --out",
+            )
+        for flag, metavar, text in flags:
+            name = flag[2:].replace("-", "_")
+            default = f"(default: {fields[name].default})" if "{default}" in text else ""
+            group.add_argument(flag, metavar=metavar, help=text.replace("{default}", default))
     return p
 
 

@@ -23,13 +23,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from worker.calibration import TailFit, ThresholdMethod
 from worker.model import CAEConfig, ContractiveAutoencoder
 
 FORMAT_VERSION = 1
@@ -102,8 +102,12 @@ class Manifest(BaseModel):
     score: Literal["mse", "mae"] = "mse"
     threshold: float
     target_fpr: float = Field(gt=0, lt=1)
-    # Sorted scores of held-out normal rows; p-value = share of them >= a score.
+    # Sorted scores of held-out normal rows: p-values up to the tail's t.
     calibration: list[float] = Field(min_length=1)
+    # How the threshold was obtained, and the GPD tail of the held-out scores (p-values
+    # beyond its t). Manifests written before tails existed have neither.
+    threshold_method: ThresholdMethod = "empirical"
+    tail: TailFit | None = None
     penalty_weight: float = Field(ge=0)
     metrics: dict[str, float | int | str | None] = Field(default_factory=dict)
     weights_sha256: str = ""
@@ -130,6 +134,13 @@ class Manifest(BaseModel):
             raise ValueError("golden batch must have as many scores as inputs, at least one")
         if any(b < a for a, b in zip(self.calibration, self.calibration[1:], strict=False)):
             raise ValueError("calibration must be sorted")
+        if self.threshold_method == "gpd":
+            if self.tail is None:
+                raise ValueError("threshold_method 'gpd' needs a tail")
+            if self.threshold < self.tail.t or self.target_fpr >= self.tail.tail_rate:
+                raise ValueError(
+                    "a gpd threshold lies beyond the tail's t, its rate below n_peaks/n"
+                )
         return self
 
 
@@ -382,11 +393,3 @@ def read_latest_checkpoint(model_dir: str | os.PathLike) -> Checkpoint:
     if version is None:
         raise CheckpointMissing(f"no {LATEST_FILE} in {model_dir}: no model has been published yet")
     return read_checkpoint(Path(model_dir) / version)
-
-
-def calibration_summary(scores: np.ndarray, max_points: int = 2001) -> list[float]:
-    """Sorted calibration scores, thinned to evenly spaced quantiles when many."""
-    s = np.sort(np.asarray(scores, dtype=np.float64))
-    if len(s) > max_points:
-        s = np.quantile(s, np.linspace(0.0, 1.0, max_points))
-    return [float(v) for v in s]

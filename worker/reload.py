@@ -15,6 +15,8 @@ from worker.scoring import Precision, Scorer, load_scorer
 
 log = structlog.get_logger("worker.reload")
 
+RETRY_AFTER_S = 30.0
+
 
 class CheckpointWatcher:
     """Polls LATEST; a changed version is read, verified and golden-checked on the
@@ -51,6 +53,10 @@ class CheckpointWatcher:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="checkpoint-watcher", daemon=True)
         self.refused: dict[str, str] = {}
+        # A version refused for the machine's sake (out of memory, a driver error, a
+        # file pruned mid-read), not the file's, is tried again after this long.
+        self.retry_after_s = RETRY_AFTER_S
+        self._retry_at = float("inf")
 
     def check_once(self) -> Scorer | None:
         """Look at LATEST once; return a newly verified scorer, if any."""
@@ -62,8 +68,9 @@ class CheckpointWatcher:
                 self._refuse("<LATEST>", e)
             return None
         if version is None or version == self._seen:
-            return None
-        self._seen = version
+            if version is None or time.monotonic() < self._retry_at:
+                return None
+        self._seen, self._retry_at = version, float("inf")
         t0 = time.perf_counter()
         try:
             scorer = load_scorer(
@@ -75,6 +82,8 @@ class CheckpointWatcher:
             )
         except Exception as e:
             self._refuse(version, e)
+            if not isinstance(e, CheckpointError):  # the machine's fault: may pass later
+                self._retry_at = time.monotonic() + self.retry_after_s
             return None
         log.info("model_verified", version=version, seconds=round(time.perf_counter() - t0, 3))
         return scorer

@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import structlog
 import torch
@@ -207,16 +207,9 @@ class Worker:
         self.partitions_changed(set())
         if self._server:
             self._server.stop()
-        s = self.summary
         log.info(
             "worker_stopped",
-            records=s.records,
-            rows=s.rows,
-            anomalies=s.anomalies,
-            rejected=s.rejected,
-            batches=s.batches,
-            publish_failures=s.publish_failures,
-            reloads=s.reloads,
+            **asdict(self.summary),
             model_version=self.scorer.version if self.scorer else None,
         )
 

@@ -34,6 +34,8 @@ from worker.checkpoint import (
 from worker.model import CAEConfig, ContractiveAutoencoder
 from worker.scoring import load_scorer
 
+TAIL = {"t": 1.0, "sigma": 0.2, "gamma": 0.1, "n_peaks": 50, "n": 1000}
+
 
 @pytest.fixture
 def version_dir(tmp_path, tiny_model) -> Path:
@@ -149,6 +151,15 @@ def test_missing_manifest(version_dir):
         pytest.param(lambda m: {**m, "threshold": "high"}, id="wrong-type"),
         pytest.param(lambda m: {**m, "input_dim": 5}, id="inconsistent-dims"),
         pytest.param(lambda m: {**m, "feature_names": ["a", "a", "b", "c"]}, id="duplicate-names"),
+        pytest.param(lambda m: {**m, "threshold_method": "guess"}, id="unknown-method"),
+        pytest.param(lambda m: {**m, "threshold_method": "gpd", "tail": None}, id="gpd-no-tail"),
+        pytest.param(lambda m: {**m, "tail": {**TAIL, "sigma": 0.0}}, id="tail-sigma-0"),
+        pytest.param(lambda m: {**m, "tail": {**TAIL, "n_peaks": 1000}}, id="tail-all-peaks"),
+        pytest.param(lambda m: {**m, "tail": {**TAIL, "t": "inf"}}, id="tail-t-inf"),
+        pytest.param(
+            lambda m: {**m, "threshold_method": "gpd", "threshold": 0.5, "tail": TAIL},
+            id="gpd-threshold-below-t",
+        ),
     ],
 )
 def test_malformed_manifest(version_dir, corrupt):
@@ -157,6 +168,26 @@ def test_malformed_manifest(version_dir, corrupt):
     (version_dir / MANIFEST_FILE).write_text(bad if isinstance(bad, str) else json.dumps(bad))
     with pytest.raises(ManifestInvalid):
         read_checkpoint(version_dir)
+
+
+def test_a_manifest_from_before_tails_loads_with_empirical_p_values(version_dir):
+    manifest = json.loads((version_dir / MANIFEST_FILE).read_text())
+    old = {k: v for k, v in manifest.items() if k not in ("threshold_method", "tail")}
+    (version_dir / MANIFEST_FILE).write_text(json.dumps(old))
+    scorer = load_scorer(version_dir)
+    assert scorer.manifest.threshold_method == "empirical" and scorer.manifest.tail is None
+    far = np.full((1, scorer.input_dim), 1e3, dtype=np.float32)
+    assert scorer.score_batch(far).p_values[0] == pytest.approx(1 / (len(old["calibration"]) + 1))
+
+
+def test_a_gpd_manifest_round_trips(version_dir):
+    manifest = json.loads((version_dir / MANIFEST_FILE).read_text())
+    tail = {**TAIL, "t": manifest["threshold"] / 2}
+    (version_dir / MANIFEST_FILE).write_text(
+        json.dumps({**manifest, "threshold_method": "gpd", "target_fpr": 0.01, "tail": tail})
+    )
+    m = read_checkpoint(version_dir).manifest
+    assert m.threshold_method == "gpd" and m.tail.model_dump() == tail
 
 
 def test_weights_of_another_architecture(version_dir, tiny_model):

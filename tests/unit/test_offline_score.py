@@ -14,7 +14,7 @@ from worker.scoring import load_scorer
 def model_dir(tmp_path_factory):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(300, 4)).astype(np.float32)
-    result = fit(x, ["a", "b", "c", "d"], TrainConfig(max_epochs=5))
+    result = fit(x, ["a", "b", "c", "d"], TrainConfig(max_epochs=5, target_fpr=0.05))  # 75 held out
     root = tmp_path_factory.mktemp("models")
     publish(root, result.model, result.manifest)
     return root

@@ -23,7 +23,8 @@ HUGE = 10**11  # code width: 25.6 TB of float32 weights per layer if it were eve
 @pytest.fixture(scope="module")
 def fitted() -> FitResult:
     x = np.random.default_rng(0).normal(size=(80, 4)).astype(np.float32)
-    return fit(x, ["a", "b", "c", "d"], TrainConfig(max_epochs=2, seed=0))
+    # 20 held-out rows: the lowest target they support is 1/21
+    return fit(x, ["a", "b", "c", "d"], TrainConfig(max_epochs=2, seed=0, target_fpr=0.05))
 
 
 def watcher(model_dir: Path, **kw) -> CheckpointWatcher:
@@ -100,6 +101,35 @@ def test_any_failure_to_load_is_refused_and_the_next_version_is_served(
     assert scorer.top_k == 2  # WORKER_TOP_FEATURES reaches the scorer
     golden = np.asarray(fitted.manifest.golden.inputs, dtype=np.float32)
     assert scorer.score_batch(golden).top_index.shape[1] == 2
+
+
+def test_a_version_refused_for_the_machines_sake_is_tried_again(tmp_path, fitted, monkeypatch):
+    real = reload.load_scorer
+    failures = {"left": 1}
+
+    def load_scorer(*args, **kw):
+        if failures["left"]:
+            failures["left"] -= 1
+            raise RuntimeError("CUDA out of memory")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(reload, "load_scorer", load_scorer)
+    version = publish(tmp_path, fitted.model, fitted.manifest)
+    w = watcher(tmp_path)
+    w.retry_after_s = 0.1
+    assert w.check_once() is None and w.refused == {version: "RuntimeError"}
+    assert w.check_once() is None, "not before the retry delay"
+    time.sleep(0.15)
+    assert w.check_once().version == version
+
+
+def test_a_checkpoint_error_is_not_tried_again(tmp_path, fitted):
+    publish_huge_architecture(tmp_path, fitted)
+    w = watcher(tmp_path)
+    w.retry_after_s = 0.0
+    assert w.check_once() is None
+    assert w.check_once() is None
+    assert refusals(w, "ShapeMismatch") == 1
 
 
 def test_an_unreadable_latest_is_refused_once(tmp_path):

@@ -1,6 +1,8 @@
 """The GPU scoring path's shared pieces, checked on CPU: buckets, padding, the packed
-forward and its unpacking, no reference cycles (GPU memory is freed on a swap), and
-the bf16 agreement check. CUDA graph capture itself runs only in tests/bench/gpu.py.
+forward through static batches (StaticBatchExecutor, eager on CPU) and its unpacking,
+the fallback when a capture is refused, no reference cycles (GPU memory is freed on a
+swap), and the bf16 agreement check. CUDA graph capture itself runs only in
+tests/bench/gpu.py.
 """
 
 from __future__ import annotations
@@ -13,15 +15,12 @@ import numpy as np
 import pytest
 import torch
 
+from tests.bench._scoring_tools import precision_agreement, score_tensor
 from training.fit import FitResult, TrainConfig, fit
+from worker import executors
 from worker.checkpoint import Checkpoint
-from worker.scoring import (
-    GRAPH_MAX_ROWS,
-    Scorer,
-    bucket_rows,
-    pad_into,
-    precision_agreement,
-)
+from worker.executors import GRAPH_MAX_ROWS, EagerExecutor, StaticBatchExecutor
+from worker.scoring import Scorer, bucket_rows, pad_into
 
 D = 6
 
@@ -40,7 +39,7 @@ def fitted() -> FitResult:
     return fit(
         rows(300, 0, anomalies=False),
         [f"f{i}" for i in range(D)],
-        TrainConfig(max_epochs=3, seed=0),
+        TrainConfig(max_epochs=3, seed=0, target_fpr=0.05),  # 75 held-out rows support ≥ 1/76
     )
 
 
@@ -50,13 +49,11 @@ def checkpoint(fitted: FitResult) -> Checkpoint:
     )
 
 
-def static_scorer(fitted: FitResult, **kw) -> Scorer:
-    """A CPU scorer on the CUDA code path: the packed forward through padded static
-    batches (run eagerly on CPU: there is nothing to capture)."""
-    scorer = Scorer(checkpoint(fitted), device="cpu", **kw)
-    scorer._packed = True
-    scorer._graphs = {}
-    return scorer
+def static_scorer(fitted: FitResult, max_rows: int = GRAPH_MAX_ROWS, **kw) -> Scorer:
+    """A CPU scorer on the CUDA code path: the packed forward, explaining every row,
+    through padded static batches (run eagerly on CPU: there is nothing to capture)."""
+    executor = StaticBatchExecutor("cpu", max_rows)
+    return Scorer(checkpoint(fitted), device="cpu", executor=executor, **kw)
 
 
 def test_bucket_rows():
@@ -107,27 +104,27 @@ def test_padded_static_path_equals_the_cpu_path(fitted, explain):
         assert got.top_contribution.dtype == np.float32
         assert got.top_index.shape == want.top_index.shape
         explained += len(got.explained)
-    assert {rows for rows, _ in static._graphs} == {64, 128, 256}
+    assert static.executor.bucket_sizes == {64, 128, 256}
     if explain == "anomalies":
         assert 0 < explained < 50 + 1 + 64 + 65 + 200 + 50
 
 
 def test_batches_over_the_largest_bucket_score_eagerly(fitted):
-    static = static_scorer(fitted, graph_max_rows=64)
+    static = static_scorer(fitted, max_rows=64)
     x = rows(100, seed=3)
     got = static.score_batch(x)
-    assert static._graphs == {}
+    assert static.executor.bucket_sizes == set()
     np.testing.assert_allclose(got.scores, fitted.scorer().score_batch(x).scores, rtol=1e-6)
 
 
 def test_score_tensor_through_static_batches(fitted):
     static = static_scorer(fitted)
     x = rows(100, seed=4)
-    want = fitted.scorer().score_tensor(torch.from_numpy(x))
-    got = static.score_tensor(torch.from_numpy(x))
+    want = score_tensor(fitted.scorer(), torch.from_numpy(x))
+    got = score_tensor(static, torch.from_numpy(x))
     assert got.shape == (100,) and got.is_contiguous()
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
-    again = static.score_tensor(torch.from_numpy(x[:10]))  # the first result is not a live view
+    again = score_tensor(static, torch.from_numpy(x[:10]))  # the first result is not a live view
     torch.testing.assert_close(got[:10], again, rtol=1e-6, atol=1e-7)
 
 
@@ -136,7 +133,7 @@ def test_a_dropped_scorer_is_freed_without_a_garbage_collection(fitted):
     (GPU) memory at once, not at the next gc."""
     static = static_scorer(fitted)
     static.score_batch(rows(70, seed=5))
-    static.score_tensor(torch.from_numpy(rows(10, seed=6)))
+    score_tensor(static, torch.from_numpy(rows(10, seed=6)))
     ref = weakref.ref(static)
     gc.disable()
     try:
@@ -144,6 +141,28 @@ def test_a_dropped_scorer_is_freed_without_a_garbage_collection(fitted):
         assert ref() is None
     finally:
         gc.enable()
+
+
+def test_a_refused_capture_falls_back_to_eager_scoring(fitted, monkeypatch):
+    def refuse(*_args):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(executors, "capture_graph", refuse)
+    static = Scorer(checkpoint(fitted), executor=StaticBatchExecutor("cpu", capture=True))
+    x = rows(70, seed=8)
+    got = static.score_batch(x)
+    assert not static.executor.static and static.executor.bucket_sizes == set()
+    np.testing.assert_allclose(got.scores, fitted.scorer().score_batch(x).scores, rtol=1e-6)
+    static.score_batch(x)  # and stays eager: no second capture
+    assert not static.executor.static
+
+
+def test_the_default_executor_follows_device_and_cuda_graphs(fitted):
+    cpu = Scorer(checkpoint(fitted), device="cpu")
+    assert type(cpu.executor) is EagerExecutor and cpu.executor.explains_selectively
+    assert not StaticBatchExecutor("cpu").explains_selectively
+    with pytest.raises(ValueError, match="executor"):
+        Scorer(checkpoint(fitted), device="cpu", executor=EagerExecutor("meta"))
 
 
 def test_precision_agreement():

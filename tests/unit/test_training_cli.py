@@ -19,7 +19,7 @@ from worker.checkpoint import MANIFEST_FILE, WEIGHTS_FILE, read_latest
 from worker.scoring import load_scorer
 
 REPO = Path(__file__).resolve().parents[2]
-FAST = ["--epochs", "8", "--seed", "3"]
+FAST = ["--epochs", "8", "--seed", "3", "--target-fpr", "0.05"]  # 34 held-out rows: ≥ 1/35
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -79,6 +79,7 @@ def test_subprocess_publishes_a_verified_version_and_a_report(tmp_path, labelled
     report = json.loads((report_dir / "report.json").read_text())
     assert report["version"] == version
     assert report["threshold"] == scorer.threshold
+    assert report["threshold_method"] == "empirical" and report["tail"] is None  # 34 held out
     evaluation = report["evaluation"]
     assert evaluation["rows"] == 150 and evaluation["anomalies"] == 12
     for key in ("roc_auc", "average_precision", "precision", "recall", "fpr"):
@@ -116,6 +117,7 @@ def _error_cases(tmp: Path, good: Path) -> dict[str, list[str]]:
         "unknown label column": ["--data", str(good), "--label-column", "klass"],
         "out under a file": ["--data", str(good), "--out", str(blocker / "models")],
         "invalid fpr": ["--data", str(good), "--target-fpr", "1.5"],
+        "target below the data": ["--data", str(good), "--target-fpr", "0.00001"],
         "invalid penalty weight": ["--data", str(good), "--penalty-weight", "-1"],
         "invalid mode": ["--data", str(good), "--penalty-mode", "fastest"],
         "unknown flag": ["--data", str(good), "--learning-rate", "3"],
@@ -134,6 +136,7 @@ def _error_cases(tmp: Path, good: Path) -> dict[str, list[str]]:
         "unknown label column",
         "out under a file",
         "invalid fpr",
+        "target below the data",
         "invalid penalty weight",
         "invalid mode",
         "unknown flag",
@@ -145,7 +148,7 @@ def test_user_error_is_one_line_and_publishes_nothing(tmp_path, labelled_csv, ca
     out = tmp_path / "models"
     if "--out" not in args:
         args = [*args, "--out", str(out)]
-    code = main([*args, *FAST])
+    code = main([*FAST, *args])  # the case's own flags last: they win
     captured = capsys.readouterr()
     lines = captured.err.splitlines()
     assert code == 2
@@ -162,10 +165,14 @@ def test_error_messages_name_the_problem(tmp_path, labelled_csv, capsys):
         "too few rows": "need at least 10 normal rows",
         "unknown label column": "label column 'klass' is not in the header",
         "invalid fpr": "--target-fpr (TRAINER_TARGET_FPR)='1.5'",
+        # 138 normal rows, 34 held out: too few for a tail, the conformal limit is 1/35
+        "target below the data": "--target-fpr 1e-05 is below what 34 held-out normal rows "
+        "support (too few of them to fit a tail; a threshold cannot be placed beyond the "
+        "largest): the lowest is 0.0286",
         "out under a file": "--out",
     }
     for case, fragment in expected.items():
-        main([*cases[case], *FAST])
+        main([*FAST, *cases[case]])
         assert fragment in capsys.readouterr().err, case
 
 
