@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from structlog.testing import capture_logs
 
+from tests.support import wait_for
 from training.fit import FitResult, TrainConfig, fit
 from worker import reload
 from worker.checkpoint import MANIFEST_FILE, ShapeMismatch, publish, read_checkpoint
@@ -47,13 +48,8 @@ def publish_huge_architecture(model_dir: Path, fitted: FitResult) -> str:
     return version
 
 
-def wait_until(pred, timeout_s: float = 20.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if value := pred():
-            return value
-        time.sleep(0.02)
-    raise AssertionError("timed out")
+def wait_until(pred):
+    return wait_for(pred, timeout_s=20.0, interval_s=0.02, what="the watcher")
 
 
 def test_huge_architecture_is_a_shape_mismatch_read_from_the_header(tmp_path, fitted):
