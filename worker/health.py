@@ -76,7 +76,10 @@ def broker_silence(consumer, session_timeout_s: float) -> str | None:
     coordinator = getattr(consumer, "_coordinator", None)
     if coordinator is None:
         return "not connected to the broker"
-    if coordinator.coordinator_id is None or coordinator.coordinator_unknown():
+    # coordinator_id only: /readyz asks from the HTTP thread, and coordinator_unknown()
+    # would mark the coordinator dead (client state) from there; the loop's own poll
+    # does that, and resets coordinator_id, when the connection fails.
+    if coordinator.coordinator_id is None:
         return "broker unreachable (no group coordinator)"
     hb = coordinator.heartbeat
     silent_s = time.monotonic() - max(hb.last_receive, hb.last_reset)

@@ -65,21 +65,16 @@ def test_healthz_fails_when_the_checkpoint_watcher_died():
     assert code == 503 and b"checkpoint watcher stopped" in body
 
 
-def _consumer(coordinator_id, unknown: bool, last_receive: float, last_reset: float):
+def _consumer(coordinator_id, last_receive: float, last_reset: float):
     heartbeat = SimpleNamespace(last_receive=last_receive, last_reset=last_reset)
-    coordinator = SimpleNamespace(
-        coordinator_id=coordinator_id,
-        coordinator_unknown=lambda: unknown,
-        heartbeat=heartbeat,
-    )
+    coordinator = SimpleNamespace(coordinator_id=coordinator_id, heartbeat=heartbeat)
     return SimpleNamespace(_coordinator=coordinator)
 
 
 def test_broker_silence_reads_the_group_coordinator(monkeypatch):
     monkeypatch.setattr("worker.health.time.monotonic", lambda: 100.0)
     assert broker_silence(None, 10) == "not connected to the broker"
-    assert "no group coordinator" in broker_silence(_consumer(None, True, 99, 0), 10)
-    assert "no group coordinator" in broker_silence(_consumer(1, True, 99, 0), 10)
-    assert broker_silence(_consumer(1, False, 95, 0), 10) is None
-    assert "for 15s" in broker_silence(_consumer(1, False, 85, 0), 10)
-    assert broker_silence(_consumer(1, False, 0, 95), 10) is None, "a reset counts as an answer"
+    assert "no group coordinator" in broker_silence(_consumer(None, 99, 0), 10)
+    assert broker_silence(_consumer(1, 95, 0), 10) is None
+    assert "for 15s" in broker_silence(_consumer(1, 85, 0), 10)
+    assert broker_silence(_consumer(1, 0, 95), 10) is None, "a reset counts as an answer"
