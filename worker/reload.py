@@ -67,9 +67,8 @@ class CheckpointWatcher:
                 self._seen = "<invalid LATEST>"
                 self._refuse("<LATEST>", e)
             return None
-        if version is None or version == self._seen:
-            if version is None or time.monotonic() < self._retry_at:
-                return None
+        if version is None or (version == self._seen and time.monotonic() < self._retry_at):
+            return None
         self._seen, self._retry_at = version, float("inf")
         t0 = time.perf_counter()
         try:
