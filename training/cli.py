@@ -40,6 +40,7 @@ from worker.logs import configure_logging
 from worker.scoring import Scorer, load_scorer
 
 EXIT_USAGE = 2
+EXIT_FAILED = 1
 LOG_EVERY_EPOCHS = 10
 SCORE_CHUNK_ROWS = 65_536
 
@@ -48,6 +49,11 @@ log = structlog.get_logger("training")
 
 class UsageError(Exception):
     """A mistake in the command line, settings or paths; the message is one line."""
+
+
+class TopicPublishError(Exception):
+    """The model topic did not take a version (broker away, record too large); the
+    version was not published anywhere. The message is one line."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except TopicPublishError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         print("error: interrupted; nothing was published", file=sys.stderr)
         return 130
@@ -138,12 +147,16 @@ def train_and_publish(
             return None
 
     verified: list[Scorer] = []
+
+    def verify(version_dir: Path) -> None:
+        """Before LATEST moves: the worker's own checks, then the model topic (a
+        version the topic did not take is not published at all)."""
+        verified.append(load_scorer(version_dir))
+        if settings.model_topic:
+            publish_to_topic(settings, version_dir)
+
     version = publish(
-        settings.out,
-        result.model,
-        result.manifest,
-        keep=settings.keep,
-        verify=lambda version_dir: verified.append(load_scorer(version_dir)),
+        settings.out, result.model, result.manifest, keep=settings.keep, verify=verify
     )
     scorer = verified[0]
     result.manifest = scorer.manifest  # as published: version, created_at, sha256
@@ -166,6 +179,26 @@ def train_and_publish(
     return version
 
 
+def publish_to_topic(settings: TrainerSettings, version_dir: Path) -> None:
+    from kafka.errors import KafkaError
+
+    from worker.model_topic import publish_version
+
+    try:
+        publish_version(
+            settings.kafka,
+            settings.model_topic,
+            version_dir,
+            settings.model_chunk_bytes,
+            keep=settings.keep,
+        )
+    except KafkaError as e:
+        raise TopicPublishError(
+            f"publishing {version_dir.name} to topic {settings.model_topic!r}: "
+            f"{str(e) or type(e).__name__}; nothing was published"
+        ) from None
+
+
 def run_from_kafka(settings: TrainerSettings, config: TrainConfig, interactive: bool) -> int:
     """One retraining cycle from the input topic, or one every --every-seconds until SIGTERM."""
     from kafka.errors import KafkaError
@@ -180,7 +213,7 @@ def run_from_kafka(settings: TrainerSettings, config: TrainConfig, interactive: 
             version = kafka_cycle(settings, config, interactive)
             if version:
                 print(version, flush=True)
-        except (SnapshotError, DataError, KafkaError, OSError) as e:
+        except (SnapshotError, DataError, KafkaError, OSError, TopicPublishError) as e:
             if settings.every_seconds is None:
                 raise UsageError(f"retraining from {settings.input_topic!r}: {e}") from None
             log.warning("retraining cycle skipped", error=str(e) or type(e).__name__)

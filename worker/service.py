@@ -25,7 +25,7 @@ from worker.codec import Codec
 from worker.delivery import Settled, delivery_for, rewind
 from worker.health import Health, HealthServer, broker_silence
 from worker.metrics import WorkerMetrics
-from worker.reload import CheckpointWatcher
+from worker.reload import CheckpointWatcher, source_for
 from worker.scoring import Scorer, resolve_device
 from worker.settings import WorkerSettings
 from worker.step import BatchOutcome, first_offsets, score_records
@@ -106,7 +106,7 @@ class Worker:
         self.batcher = MicroBatcher(settings.max_batch_size, settings.max_batch_wait_ms / 1000)
         self.bounds = RunBounds(settings.max_records, settings.idle_timeout_s)
         self.watcher = CheckpointWatcher(
-            settings.model_dir,
+            source_for(settings),
             self.device,
             settings.precision,
             settings.reload_poll_s,
@@ -148,7 +148,7 @@ class Worker:
             if self.stopping:
                 return False
             raise StartupError(
-                f"no valid model in {s.model_dir} after {s.wait_for_model_s:.0f}s "
+                f"no valid model in {self.watcher.where} after {s.wait_for_model_s:.0f}s "
                 "(train one: python -m training --data FILE --out DIR)"
             )
         self._serve(scorer)
