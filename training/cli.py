@@ -41,6 +41,8 @@ from worker.scoring import Scorer, load_scorer
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
+# How long the model topic may take to connect and acknowledge a version.
+TOPIC_TIMEOUT_S = 60.0
 LOG_EVERY_EPOCHS = 10
 SCORE_CHUNK_ROWS = 65_536
 
@@ -191,6 +193,7 @@ def publish_to_topic(settings: TrainerSettings, version_dir: Path) -> None:
             version_dir,
             settings.model_chunk_bytes,
             keep=settings.keep,
+            timeout_s=TOPIC_TIMEOUT_S,
         )
     except KafkaError as e:
         raise TopicPublishError(

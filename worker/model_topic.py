@@ -232,6 +232,7 @@ def publish_version(
         linger_ms=5,
         max_request_size=chunk_bytes + 64 * 1024,
         max_block_ms=int(timeout_s * 1000),
+        bootstrap_timeout_ms=int(timeout_s * 1000),
     )
     try:
         *chunks, commit = records
