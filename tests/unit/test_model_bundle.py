@@ -349,3 +349,41 @@ def test_refused_and_superseded_versions_leave_nothing_in_the_cache(tmp_path, ve
     reader.pending += records_of(root, v3)
     assert w.check_once().version == v3
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [v3]
+
+
+def test_the_model_topic_clients_use_the_kafka_security_settings(tmp_path, monkeypatch):
+    """SASL and TLS reach the worker's model consumer and the trainer's producer, the
+    same keyword arguments as the worker's other clients."""
+    from worker import model_topic
+
+    kafka = KafkaSettings(
+        bootstrap_servers="broker:9093",
+        security_protocol="SASL_SSL",
+        sasl_mechanism="SCRAM-SHA-512",
+        sasl_username="cae",
+        sasl_password="s3cr3t",
+        ssl_cafile=tmp_path / "ca.pem",
+    )
+    seen: dict[str, dict] = {}
+
+    class Refused(Exception):
+        pass
+
+    def capture(kind):
+        def make(**kw):
+            seen[kind] = kw
+            raise Refused
+
+        return make
+
+    monkeypatch.setattr(model_topic, "KafkaConsumer", capture("consumer"))
+    monkeypatch.setattr(model_topic, "KafkaProducer", capture("producer"))
+    with pytest.raises(Refused):
+        model_topic.TopicReader(kafka, "models").catch_up(TopicState(), 1)
+    d = version_dir(tmp_path, {"manifest.json": b"{}", "model.safetensors": b"w"})
+    with pytest.raises(Refused):
+        model_topic.publish_version(kafka, "models", d, 1024)
+    for kw in seen.values():
+        assert kw.items() >= kafka.client_kwargs().items()
+        assert kw["sasl_plain_password"] == "s3cr3t" and kw["ssl_cafile"].endswith("ca.pem")
+    assert seen["consumer"]["group_id"] is None and seen["consumer"]["enable_auto_commit"] is False
