@@ -31,8 +31,9 @@ from worker.settings import KafkaSettings
 
 log = structlog.get_logger("worker.model_topic")
 
-# How long one look at the topic may read before it answers with what it has.
-CATCH_UP_S = 20.0
+# How long one look at the topic may read (or wait for the broker) before it answers
+# with what it has; the next look goes on from there.
+CATCH_UP_S = 10.0
 POLL_MS = 200
 SEND_TIMEOUT_S = 60.0
 # The partition every record of the model topic goes to: one partition keeps a
@@ -67,6 +68,7 @@ class TopicReader:
             max_partition_fetch_bytes=self.fetch_bytes,
             fetch_max_bytes=max(self.fetch_bytes, 52_428_800),
             fetch_max_wait_ms=100,
+            request_timeout_ms=int(CATCH_UP_S * 1000),
         )
         try:
             ids = consumer.partitions_for_topic(self.topic)
@@ -83,15 +85,19 @@ class TopicReader:
     def catch_up(self, state: TopicState, budget_s: float) -> bool:
         """Apply every record up to the end offsets as of now; True when they were all
         read within `budget_s`. Raises KafkaError, OSError or TopicMissing."""
+        deadline = time.monotonic() + budget_s
+
+        def left_ms() -> int:
+            return max(1, int((deadline - time.monotonic()) * 1000))
+
         if self.consumer is None:
             self.consumer = self._open()
         consumer = self.consumer
-        end = consumer.end_offsets(self.partitions)
-        deadline = time.monotonic() + budget_s
-        while any(consumer.position(tp) < end[tp] for tp in self.partitions):
+        end = consumer.end_offsets(self.partitions, timeout_ms=left_ms())
+        while any(consumer.position(tp, timeout_ms=left_ms()) < end[tp] for tp in self.partitions):
             if time.monotonic() >= deadline:
                 return False
-            for tp, records in consumer.poll(timeout_ms=POLL_MS).items():
+            for tp, records in consumer.poll(timeout_ms=min(POLL_MS, left_ms())).items():
                 for r in records:
                     try:
                         state.apply(r.key, r.value, r.headers)
@@ -126,6 +132,9 @@ class ModelTopicSource:
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self._caught_up = False
         self._trouble: str | None = None
+        # versions refused for the checkpoint's sake: never offered again, even when
+        # a reconnection reads the topic from the beginning once more
+        self._bad: set[str] = set()
 
     def latest(self) -> str | None:
         """The newest complete version newer than the one serving, once the topic has
@@ -144,7 +153,7 @@ class ModelTopicSource:
             log.info("model_topic_available", topic=self.topic)
             self._trouble = None
         self._caught_up = self._caught_up or done
-        return self.state.newest_complete() if self._caught_up else None
+        return self.state.newest_complete(exclude=self._bad) if self._caught_up else None
 
     def _cache(self) -> Path:
         if self.cache_dir is None:
@@ -176,6 +185,7 @@ class ModelTopicSource:
 
     def refused(self, version: str, final: bool) -> None:
         if final:
+            self._bad.add(version)
             self.state.forget(version)
             if self.cache_dir is not None:
                 shutil.rmtree(self.cache_dir / version, ignore_errors=True)

@@ -387,3 +387,16 @@ def test_the_model_topic_clients_use_the_kafka_security_settings(tmp_path, monke
         assert kw.items() >= kafka.client_kwargs().items()
         assert kw["sasl_plain_password"] == "s3cr3t" and kw["ssl_cafile"].endswith("ca.pem")
     assert seen["consumer"]["group_id"] is None and seen["consumer"]["enable_auto_commit"] is False
+
+
+def test_a_refused_version_read_again_after_a_reconnection_is_not_tried_again(tmp_path, versions):
+    root, (v1, v2, _) = versions
+    source, reader = topic_source(tmp_path)
+    w = watcher_on(source)
+    *chunks, commit = records_of(root, v2, chunk_bytes=1024)
+    reader.pending += records_of(root, v1) + chunks[1:] + [commit]
+    assert w.check_once() is None  # the newest, v2, is torn: refused
+    assert w.check_once().version == v1  # nothing served yet: the newest valid one
+    reader.pending += records_of(root, v1) + chunks[1:] + [commit]  # the topic read once more
+    assert w.check_once() is None and w.check_once() is None
+    assert refusals(w, "IncompleteUpload") == 1
