@@ -218,6 +218,8 @@ def run_from_kafka(settings: TrainerSettings, config: TrainConfig, interactive: 
                 print(version, flush=True)
         except (SnapshotError, DataError, KafkaError, OSError, TopicPublishError) as e:
             if settings.every_seconds is None:
+                if isinstance(e, TopicPublishError):
+                    raise
                 raise UsageError(f"retraining from {settings.input_topic!r}: {e}") from None
             log.warning("retraining cycle skipped", error=str(e) or type(e).__name__)
         if settings.every_seconds is None or stop.wait(settings.every_seconds):
