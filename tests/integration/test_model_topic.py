@@ -115,7 +115,9 @@ def test_three_workers_with_their_own_caches_take_the_new_version_and_lose_nothi
     workers = [topic_worker(broker, topics, model_topic, tmp_path / f"cache{i}") for i in range(3)]
     threads = [run_in_thread(w) for w in workers]
     wait_for(
-        lambda: all(len(w._assignment()) == 1 for w in workers),
+        lambda: all(
+            w.metrics.registry.get_sample_value("cae_assigned_partitions") == 1 for w in workers
+        ),
         60,
         0.2,
         "each worker holding one of the 3 partitions",
