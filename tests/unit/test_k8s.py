@@ -10,6 +10,8 @@ there ignores keys it does not know, so a misspelt `livenesProbe` would pass).
 
 from __future__ import annotations
 
+import copy
+import functools
 import shutil
 import subprocess
 import sys
@@ -59,6 +61,12 @@ def kubectl() -> str:
 
 
 def render(variant: str) -> list[dict]:
+    """The variant's objects as `kubectl kustomize` renders them (a fresh copy each call)."""
+    return copy.deepcopy(_rendered(variant))
+
+
+@functools.cache
+def _rendered(variant: str) -> list[dict]:
     out = subprocess.run(
         [kubectl(), "kustomize", str(K8S / variant)],
         capture_output=True,
