@@ -138,7 +138,9 @@ def manifold_rows(n: int, seed: int) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def well_fitted() -> FitResult:
-    return fit(manifold_rows(2000, 0), [f"f{i}" for i in range(8)], TrainConfig(max_epochs=40, seed=0))
+    return fit(
+        manifold_rows(2000, 0), [f"f{i}" for i in range(8)], TrainConfig(max_epochs=40, seed=0)
+    )
 
 
 def test_bf16_golden_check_accepts_bf16_rounding(well_fitted):
