@@ -20,8 +20,9 @@ event's arrival at a test consumer minus its input's CreateTime, WORKER_EMIT=all
 * latency of each mode       at half that capacity, for `latency_s` seconds;
                              exactly-once read with isolation_level=read_committed
 * latency of the passthrough at the at-least-once rate, threshold 0 (an event per
-                             record): the transport's own latency, the floor that
-                             `loop_added` subtracts
+                             record) and WORKER_MAX_BATCH_WAIT_MS=0 (each poll
+                             forwarded at once): the transport's own latency, the
+                             floor that `loop_added` subtracts
 
 and at 0 ms "passthrough, no proxy": the passthrough against a second broker with
 no proxy in front of it, so the proxy can be shown not to be the bottleneck.
@@ -210,7 +211,7 @@ class _DelayRun:
             rates["at-least-once"],
             seconds,
             f"d{delay:g}-passthrough",
-            {},
+            {"WORKER_MAX_BATCH_WAIT_MS": "0"},  # no batching: forward every poll at once
             cmd=[*CLIENTS, "passthrough", "0"],  # max |x| >= 0: an event for every record
         )
         floor = out["passthrough"]
