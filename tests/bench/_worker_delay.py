@@ -25,7 +25,9 @@ event's arrival at a test consumer minus its input's CreateTime, WORKER_EMIT=all
                              floor that `loop_added` subtracts
 
 and at 0 ms "passthrough, no proxy": the passthrough against a second broker with
-no proxy in front of it, so the proxy can be shown not to be the bottleneck.
+no proxy in front of it, so the proxy can be shown not to be the bottleneck; and
+"proxy_check": PROXY_REPEATS more of each, alternating, so that the ratio of their
+medians is not one noisy run against another.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ LOOPS = ("worker, at-least-once", "worker, exactly-once", "passthrough")
 MODES = {"at-least-once": "worker, at-least-once", "exactly-once": "worker, exactly-once"}
 NO_PROXY = "passthrough, no proxy"
 CAPACITY_RECORDS = 30_000
+PROXY_REPEATS = 3
 BATCH_WAIT_MS = 20  # WORKER_MAX_BATCH_WAIT_MS, the default these loops run with
 COMMIT_INTERVAL_MS = 100  # WORKER_COMMIT_INTERVAL_MS under exactly-once, the default
 
@@ -141,12 +144,28 @@ class _DelayRun:
         if latency_s:
             loops += [f"{kind}, emit=all" for kind in MODES.values()]
         out: dict = {kind: self.throughput(delay, kind) for kind in loops}
+        if delay == 0:
+            out["proxy_check"] = self.proxy_check()
         if latency_s:
             out["latency"] = self.latency(delay, out, latency_s)
         return out
 
-    def throughput(self, delay: float, kind: str) -> dict:
-        slug = f"d{delay:g}-" + re.sub(r"[^a-z0-9.]+", "-", kind).strip("-")
+    def proxy_check(self) -> dict:
+        """The passthrough through the proxy (0 ms) and without it, alternating."""
+        rates: dict[str, list[float]] = {"passthrough": [], NO_PROXY: []}
+        for i in range(PROXY_REPEATS):
+            for kind in rates:
+                r = self.throughput(0, kind, suffix=f"-r{i}")
+                rates[kind].append(r["records_per_s"])
+        medians = {k: float(sorted(v)[len(v) // 2]) for k, v in rates.items()}
+        return {
+            "records_per_s": rates,
+            "medians": medians,
+            "through_proxy_over_without": medians["passthrough"] / medians[NO_PROXY],
+        }
+
+    def throughput(self, delay: float, kind: str, suffix: str = "") -> dict:
+        slug = f"d{delay:g}-" + re.sub(r"[^a-z0-9.]+", "-", kind).strip("-") + suffix
         direct = kind == NO_PROXY
         admin = self.direct_admin if direct else self.admin
         bootstrap = (self.direct if direct else self.broker).bootstrap
@@ -262,6 +281,14 @@ def delay_ratios(delayed: dict) -> list[tuple[str, float]]:
             (
                 "0 ms: passthrough through the proxy / without it",
                 base["passthrough"]["records_per_s"] / base[NO_PROXY]["records_per_s"],
+            )
+        )
+    if "proxy_check" in base:
+        rows.append(
+            (
+                f"0 ms: passthrough through the proxy / without it, medians of "
+                f"{PROXY_REPEATS} alternating runs",
+                base["proxy_check"]["through_proxy_over_without"],
             )
         )
     return rows

@@ -488,7 +488,7 @@ def render_delayed(results: dict) -> str:
         ]
         for delay, loops in results["delayed"].items()
         for kind, r in loops.items()
-        if kind != "latency"
+        if kind not in ("latency", "proxy_check")
     ]
     head = ["delay each way", "loop (float32, 1 partition)", "records", "records/s"]
     out = markdown_table([*head, "/ passthrough", "CPU µs/record"], rows)
@@ -506,6 +506,16 @@ def render_delayed(results: dict) -> str:
         for delay, loops in results["delayed"].items()
         for mode, r in loops.get("latency", {}).items()
     ]
+    for delay, loops in results["delayed"].items():
+        check = loops.get("proxy_check")
+        if check:
+            runs = check["records_per_s"]
+            out += (
+                f"\n\nproxy check at {delay} ms (alternating runs, records/s): through the "
+                f"proxy {', '.join(f'{r:,.0f}' for r in runs['passthrough'])}; without it "
+                f"{', '.join(f'{r:,.0f}' for r in runs['passthrough, no proxy'])}; "
+                f"ratio of medians {check['through_proxy_over_without']:.2f}"
+            )
     if lat:
         head = ["delay each way", "latency of", "records/s offered", "p50 ms", "p99 ms"]
         head += [
@@ -793,6 +803,19 @@ def _delay_rows(results: dict) -> list[dict]:
                     f"{r['target_rate']:,} rec/s, passthrough "
                     f"{loops['latency']['passthrough']['p50_ms']:.0f}/"
                     f"{loops['latency']['passthrough']['p99_ms']:.0f} ms",
+                }
+            )
+        check = loops.get("proxy_check")
+        if check:
+            m = check["medians"]
+            out.append(
+                {
+                    "figure": f"delay {delay} ms: passthrough through the proxy / without it "
+                    f"(medians of {len(check['records_per_s']['passthrough'])} alternating runs)",
+                    "value": check["through_proxy_over_without"],
+                    "goal": "≈ 1",
+                    "met": None,
+                    "detail": f"{m['passthrough']:,.0f} vs {m[NO_PROXY]:,.0f} rec/s",
                 }
             )
         if NO_PROXY in loops:
