@@ -15,8 +15,10 @@ a. scoring step: score_tensor (tests/bench/_scoring_tools.py) on a device-reside
    batch sizes 1k..256k (CPU: up to 64k);
 b. bf16 vs fp32: score agreement (relative error, Spearman, decisions) and speed;
    CUDA fp32 vs CPU fp32 agreement;
-c. GPU memory across 100 reloads: load_scorer + one batch, the previous scorer
-   dropped as the worker's swap does, torch.cuda.memory_allocated at each step;
+c. GPU memory across 100 reloads as the worker's hot swap does them (the new scorer
+   loaded, every bucket captured and golden-checked, while the old one still serves;
+   then the old one dropped and its dead graph pools handed back): allocated,
+   reserved and graph-pool memory at each step, and how far the scores move;
 d. the whole worker (`python -m worker`, WORKER_DEVICE=cpu vs cuda) on the same
    embedded Tansu broker and pre-filled topics, JSON and application/x-float32-rows
    records, throughput = slope of the committed offset (tests/bench/_worker_measure).
