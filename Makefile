@@ -46,8 +46,10 @@ bench-gpu: $(STAMP)
 	$(PY) -m tests.bench.gpu
 
 # Wheels (CPython 3.12, manylinux x86_64) of what a lent GPU machine's Python lacks, into
-# build/gpu-wheels, for tests/bench/gpu_device.sh run there (docs/benchmarks.md).
-gpu-wheels: $(STAMP)
+# build/gpu-wheels, for tests/bench/gpu_device.sh run there (docs/benchmarks.md). It only
+# reads the venv's versions: an existing venv is not reinstalled first.
+gpu-wheels:
+	test -x $(PY) || $(MAKE) venv
 	PY=$(PY) bash tests/bench/gpu_device.sh wheels
 
 eval: $(STAMP)
