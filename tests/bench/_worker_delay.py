@@ -67,9 +67,11 @@ def run_delayed(
     tmp: Path,
     baseline_repo: str | None = None,
     latency_s: float | None = None,
+    baseline_first: bool = False,
 ) -> dict:
     """{delay_ms: {loop: run_group result}} on a broker of its own behind a proxy; with
-    latency_s also {delay_ms: {"latency": ...}}."""
+    latency_s also {delay_ms: {"latency": ...}}; baseline_first times the baseline
+    loops before the others."""
     proxy_port = free_port()
     with (
         EmbeddedBroker(advertised_port=proxy_port, log_path=tmp / "tansu-delay.log") as broker,
@@ -78,6 +80,7 @@ def run_delayed(
         proxy = TcpProxy(broker.port, proxy_port).forward()
         try:
             run = _DelayRun(broker, direct, proxy, data, model_dir, threshold, tmp, baseline_repo)
+            run.baseline_first = baseline_first
             return run.all(delays_ms, latency_s)
         finally:
             proxy.close()
@@ -88,6 +91,7 @@ class _DelayRun:
         self.broker, self.direct, self.proxy, self.tmp = broker, direct, proxy, tmp
         self.data, self.model_dir, self.threshold = data, model_dir, threshold
         self.baseline_repo = baseline_repo
+        self.baseline_first = False
 
     def all(self, delays_ms: list[float], latency_s: float | None) -> dict:
         self.admin = KafkaAdminClient(bootstrap_servers=self.broker.bootstrap)  # the proxy
@@ -139,6 +143,8 @@ class _DelayRun:
         self.proxy.delay_s = delay / 1000  # connections opened from now on
         baselines = [f"{kind} (baseline)" for kind in MODES.values()]
         loops = [*LOOPS, *(baselines if self.baseline_repo else [])]
+        if self.baseline_first:  # the other order, to see what the order itself does
+            loops = [*(baselines if self.baseline_repo else []), *LOOPS]
         if delay == 0:
             loops.append(NO_PROXY)
         if latency_s:

@@ -135,6 +135,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--delay-only", action="store_true", help="only the delayed-link loops")
     p.add_argument("--baseline-repo", help="also run python -m worker from this checkout")
     p.add_argument(
+        "--baseline-first", action="store_true", help="time the baseline loops first (order check)"
+    )
+    p.add_argument(
         "--worker-env",
         action="append",
         default=[],
@@ -195,6 +198,7 @@ def _delayed(args: argparse.Namespace, tmp: Path) -> dict:
         tmp,
         args.baseline_repo,
         latency_s=args.latency_s or None,
+        baseline_first=args.baseline_first,
     )
     ratios = [ratio(name, value, None, NAME) for name, value in delay_ratios(delayed)]
     return {"delayed": delayed, "delay_ratios": ratios}
