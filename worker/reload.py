@@ -74,7 +74,9 @@ def source_for(settings: WorkerSettings) -> CheckpointSource:
 
 class CheckpointWatcher:
     """Polls the source; a changed version is read, verified and golden-checked on the
-    worker's device in this thread. A verified scorer waits in `pending` until the
+    worker's device in this thread (with CUDA graphs, every bucket's graph is captured
+    and checked here, so the loop never stalls on a capture). A verified scorer waits
+    in `pending` until the
     loop takes it between two batches; a refused one is logged, counted, and the
     serving model stays.
 

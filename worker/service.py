@@ -23,6 +23,7 @@ from worker.bounds import RunBounds
 from worker.clients import KafkaClients, open_clients
 from worker.codec import Codec
 from worker.delivery import Settled, delivery_for, rewind
+from worker.executors import gpu_memory, release_cached_memory
 from worker.health import Health, HealthServer, broker_silence
 from worker.metrics import WorkerMetrics
 from worker.reload import CheckpointWatcher, source_for
@@ -220,6 +221,10 @@ class Worker:
         self.scorer = scorer
         self.codec = Codec(scorer.feature_names, self.settings.max_record_bytes)
         self.metrics.set_model(scorer.version)
+        if scorer.device.type == "cuda":
+            if previous:  # the old scorer is gone: its graph pools go back to the driver
+                release_cached_memory()
+            self.metrics.set_gpu_memory(gpu_memory(scorer.device, graph_pools=True))
         structlog.contextvars.bind_contextvars(model_version=scorer.version)  # on every log line
         self.summary.versions.append(scorer.version)
         if previous:
@@ -368,7 +373,7 @@ class Worker:
         self.summary.add(outcome)
         self.metrics.observe(outcome, publish_s, lag)
         if self.scorer.device.type == "cuda":
-            self.metrics.gpu_memory.set(torch.cuda.memory_allocated(self.scorer.device))
+            self.metrics.set_gpu_memory(gpu_memory(self.scorer.device))
         log.debug(
             "batch",
             records=len(outcome.records),
