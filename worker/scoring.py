@@ -1,4 +1,11 @@
-"""Batch scoring: scale → model → per-feature error → score → p-value → top-k explanation.
+"""Batch scoring: scale → score → p-value → top-k explanation.
+
+The score is either the autoencoder's reconstruction error (scale → model → per-feature
+error → score; manifests with score "mae" or "mse") or the mean distance to the k
+nearest reference rows stored with the model (score "knn"; the default since the
+evaluation on unseen data sets, docs/eval). Either way the explanation is a
+per-feature squared difference: from the reconstruction, or from the mean of the row's
+k nearest reference rows.
 
 Scoring (a number, high = anomalous) is separate from deciding (score ≥ threshold);
 both travel in the checkpoint, so offline scoring and the streaming worker agree.
@@ -22,6 +29,10 @@ from worker.executors import pad_into as pad_into
 from worker.model_config import ScoreKind
 
 Precision = Literal["fp32", "bf16"]
+
+# Distances are computed for at most this many (row, reference row) pairs at once:
+# rows are taken in chunks of KNN_PAIRS // reference_rows (64 MiB of float32 at most).
+KNN_PAIRS = 1 << 24
 Explain = Literal["all", "anomalies", "none"]
 
 
@@ -63,6 +74,28 @@ def errors_to_score(err: torch.Tensor, kind: ScoreKind) -> torch.Tensor:
     raise ValueError(f"unknown score {kind!r}")
 
 
+def nearest_neighbours(
+    xs: torch.Tensor, reference: torch.Tensor, ref_sq: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k nearest reference rows of each row: (Euclidean distances [B, k], indices
+    [B, k]), both unsorted. Rows xs [B, D] and reference [M, D] in scaled units,
+    ref_sq [M] = each reference row's squared norm.
+
+    The candidates come from ‖r‖² − 2·x·r (the row's own ‖x‖² does not change its
+    ranking) in chunks of rows, one matrix product and a top-k each; the k distances
+    are then recomputed exactly from the differences, so a row's score does not carry
+    the cancellation error of the expanded form. Static shapes throughout (CUDA graphs).
+    """
+    chunk = max(1, KNN_PAIRS // max(1, reference.shape[0]))
+    idx = []
+    for start in range(0, xs.shape[0], chunk):
+        d2 = torch.addmm(ref_sq, xs[start : start + chunk], reference.T, alpha=-2.0)
+        idx.append(torch.topk(d2, k, dim=1, largest=False, sorted=False).indices)
+    index = torch.cat(idx) if len(idx) > 1 else idx[0]
+    dist = (xs[:, None, :] - reference[index]).square().sum(dim=2).sqrt()
+    return dist, index
+
+
 class Scorer:
     """A verified model resident on one device, scoring whole batches at once.
 
@@ -93,9 +126,13 @@ class Scorer:
         if self.executor.device != self.device:
             raise ValueError(f"executor on {self.executor.device}, scorer on {self.device}")
         self.model = checkpoint.build_model(self.device)
+        m = self.manifest
+        # the knn score's reference rows, float32 whatever the model's precision
+        self._k = m.neighbours
+        self._reference = self.model.reference.float() if m.score == "knn" else None
+        self._ref_sq = self._reference.square().sum(dim=1) if self._k else None
         if precision == "bf16":
             self.model = self.model.to(torch.bfloat16)
-        m = self.manifest
         f32 = dict(dtype=torch.float32, device=self.device)
         self._center = torch.tensor(m.scaler.center, **f32)
         self._inv_scale = 1.0 / torch.tensor(m.scaler.scale, **f32)
@@ -133,11 +170,21 @@ class Scorer:
     def forward(self, xd: torch.Tensor, explain: Explain) -> torch.Tensor:
         """Packed float32 results for raw rows on the device, [B, 2] when explain is
         "none", else [B, 2 + 3k]: score, p-value, then the top-k contributions (share of
-        the row's error), expected values (input units) and feature indices (exact in
+        the row's squared difference from its reconstruction, or for the knn score from
+        the mean of its nearest reference rows), expected values (that reconstruction or
+        mean, input units) and feature indices (exact in
         float32) of every row ("all") or of the anomalous rows only ("anomalies"; the
         others' explanation columns are zero)."""
-        err, recon = self._errors(xd)
-        scores = errors_to_score(err, self.manifest.score)
+        if self._reference is not None:
+            xs = (xd - self._center) * self._inv_scale
+            dist, index = nearest_neighbours(xs, self._reference, self._ref_sq, self._k)
+            scores = dist.mean(dim=1)
+            # explained against the mean of the row's nearest normal rows
+            recon = self._reference[index].mean(dim=1)
+            err = (xs - recon).square()
+        else:
+            err, recon = self._errors(xd)
+            scores = errors_to_score(err, self.manifest.score)
         cols = [scores[:, None], self._p_values(scores)[:, None]]
         if explain == "all":
             cols.append(self._explain(err, recon))
