@@ -177,13 +177,13 @@ def _group_lines(results: dict) -> list[str]:
         return []
     n = len(meta["seeds"])
     out = [
-        f"### Per group: mean over data sets, and each method − {default} paired by split",
+        f"### Per group: mean over data sets, and {default} − each method, paired by split",
         "",
-        f"Difference = the method minus the default ({default}), averaged over the "
-        f"group's data sets on the same splits, mean ± standard error over {n} seeds "
-        "(negative: the default is better).",
+        f"The default ({default}) minus the method, averaged over the group's data sets "
+        f"on the same splits: mean ± standard error over {n} seeds (positive: the default "
+        "is better).",
         "",
-        "| group (data sets) | method | ROC-AUC | − default | PR-AUC | − default |",
+        "| group (data sets) | method | ROC-AUC | default − method | PR-AUC | default − method |",
         "|---|---|---|---|---|---|",
     ]
     for g, e in groups.items():

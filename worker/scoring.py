@@ -31,8 +31,9 @@ from worker.model_config import ScoreKind
 Precision = Literal["fp32", "bf16"]
 
 # Distances are computed for at most this many (row, reference row) pairs at once:
-# rows are taken in chunks of KNN_PAIRS // reference_rows (64 MiB of float32 at most).
-KNN_PAIRS = 1 << 24
+# rows are taken in chunks of KNN_PAIRS // reference_rows (16 MiB of float32 at most),
+# so a batch's extra memory does not grow with its rows beyond its [B, k] results.
+KNN_PAIRS = 1 << 22
 Explain = Literal["all", "anomalies", "none"]
 
 
@@ -87,13 +88,16 @@ def nearest_neighbours(
     the cancellation error of the expanded form. Static shapes throughout (CUDA graphs).
     """
     chunk = max(1, KNN_PAIRS // max(1, reference.shape[0]))
-    idx = []
+    dists, idx = [], []
     for start in range(0, xs.shape[0], chunk):
-        d2 = torch.addmm(ref_sq, xs[start : start + chunk], reference.T, alpha=-2.0)
-        idx.append(torch.topk(d2, k, dim=1, largest=False, sorted=False).indices)
-    index = torch.cat(idx) if len(idx) > 1 else idx[0]
-    dist = (xs[:, None, :] - reference[index]).square().sum(dim=2).sqrt()
-    return dist, index
+        x = xs[start : start + chunk]
+        d2 = torch.addmm(ref_sq, x, reference.T, alpha=-2.0)
+        i = torch.topk(d2, k, dim=1, largest=False, sorted=False).indices
+        idx.append(i)
+        dists.append((x[:, None, :] - reference[i]).square().sum(dim=2).sqrt())
+    if len(idx) == 1:
+        return dists[0], idx[0]
+    return torch.cat(dists), torch.cat(idx)
 
 
 class Scorer:
@@ -179,23 +183,40 @@ class Scorer:
             xs = (xd - self._center) * self._inv_scale
             dist, index = nearest_neighbours(xs, self._reference, self._ref_sq, self._k)
             scores = dist.mean(dim=1)
-            # explained against the mean of the row's nearest normal rows
-            recon = self._reference[index].mean(dim=1)
-            err = (xs - recon).square()
+
+            def explain_rows(rows: torch.Tensor | None) -> torch.Tensor:
+                # against the mean of each row's nearest normal rows, computed for the
+                # explained rows only
+                x, i = (xs, index) if rows is None else (xs[rows], index[rows])
+                mean = self._neighbour_mean(i)
+                return self._explain((x - mean).square(), mean)
         else:
             err, recon = self._errors(xd)
             scores = errors_to_score(err, self.manifest.score)
+
+            def explain_rows(rows: torch.Tensor | None) -> torch.Tensor:
+                if rows is None:
+                    return self._explain(err, recon)
+                return self._explain(err.index_select(0, rows), recon.index_select(0, rows))
+
         cols = [scores[:, None], self._p_values(scores)[:, None]]
         if explain == "all":
-            cols.append(self._explain(err, recon))
+            cols.append(explain_rows(None))
         elif explain == "anomalies":
             rows = torch.nonzero(scores >= self._threshold).squeeze(1)
-            top = err.new_zeros((len(scores), 3 * self.top_k))
+            top = scores.new_zeros((len(scores), 3 * self.top_k))
             if len(rows):  # none anomalous (most small batches): nothing to explain
-                picked = self._explain(err.index_select(0, rows), recon.index_select(0, rows))
-                top.index_copy_(0, rows, picked)
+                top.index_copy_(0, rows, explain_rows(rows))
             cols.append(top)
         return torch.cat(cols, dim=1)
+
+    def _neighbour_mean(self, index: torch.Tensor) -> torch.Tensor:
+        """[E, D]: the mean of each row's k reference rows (index [E, k]), one gathered
+        [E, D] at a time (never [E, k, D]: batches of float32-rows records are large)."""
+        mean = self._reference.index_select(0, index[:, 0])
+        for j in range(1, index.shape[1]):
+            mean = mean + self._reference.index_select(0, index[:, j])
+        return mean / index.shape[1]
 
     def _p_values(self, scores: torch.Tensor) -> torch.Tensor:
         """P(a normal row scores ≥ score): empirical up to the tail's t, the GPD tail's
