@@ -48,7 +48,8 @@ class TrainConfig(BaseModel):
     def _enough_reference_rows(self) -> TrainConfig:
         if self.reference_rows <= self.neighbours:
             raise ValueError(
-                f"reference_rows ({self.reference_rows}) must exceed neighbours ({self.neighbours})"
+                f"--reference-rows ({self.reference_rows}) must exceed --neighbours "
+                f"({self.neighbours})"
             )
         return self
 
