@@ -29,12 +29,12 @@ from worker.executors import pad_into as pad_into
 from worker.model_config import ScoreKind
 
 Precision = Literal["fp32", "bf16"]
+Explain = Literal["all", "anomalies", "none"]
 
 # Distances are computed for at most this many (row, reference row) pairs at once:
 # rows are taken in chunks of KNN_PAIRS // reference_rows (16 MiB of float32 at most),
 # so a batch's extra memory does not grow with its rows beyond its [B, k] results.
 KNN_PAIRS = 1 << 22
-Explain = Literal["all", "anomalies", "none"]
 
 
 @dataclass(frozen=True, slots=True)
