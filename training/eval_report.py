@@ -32,10 +32,16 @@ def _ms(values: Sequence[float]) -> dict:
 
 
 def summarise(
-    runs: list[dict], methods: Sequence[str], datasets: Sequence[str], sigmas: Sequence[float]
+    runs: list[dict],
+    methods: Sequence[str],
+    datasets: Sequence[str],
+    sigmas: Sequence[float],
+    groups: dict[str, Sequence[str]] | None = None,
+    default: str | None = None,
 ) -> dict:
-    """Mean and std over seeds per (data set, method), and the mean over data sets."""
-    out: dict = {"per_dataset": {}, "mean_over_datasets": {}}
+    """Mean and std over seeds per (data set, method), the mean over data sets (all,
+    and per group), and every method's paired difference from `default` per group."""
+    out: dict = {"per_dataset": {}, "mean_over_datasets": {}, "groups": {}}
     for ds in datasets:
         out["per_dataset"][ds] = {}
         for m in methods:
@@ -61,7 +67,66 @@ def summarise(
             "roc_auc": float(np.mean([p["roc_auc"]["mean"] for p in per])),
             "pr_auc": float(np.mean([p["pr_auc"]["mean"] for p in per])),
         }
+    for g, members in (groups or {}).items():
+        members = [d for d in members if d in datasets]
+        if not members:
+            continue
+        entry: dict = {"datasets": members, "mean": {}, "vs_default": {}}
+        for m in methods:
+            per = [out["per_dataset"][d][m] for d in members if m in out["per_dataset"][d]]
+            entry["mean"][m] = {
+                "roc_auc": float(np.mean([p["roc_auc"]["mean"] for p in per])),
+                "pr_auc": float(np.mean([p["pr_auc"]["mean"] for p in per])),
+                "roc_auc_drop": {
+                    str(sig): float(np.mean([p["roc_auc_drop"][str(sig)]["mean"] for p in per]))
+                    for sig in sigmas
+                },
+            }
+        if default in methods:
+            for m in methods:
+                if m != default:
+                    entry["vs_default"][m] = {
+                        metric: group_paired_difference(runs, members, default, m, metric)
+                        for metric in ("roc_auc", "pr_auc")
+                    }
+        out["groups"][g] = entry
     return out
+
+
+def _seed_values(runs: list[dict], datasets, method: str, metric: str) -> dict:
+    """{(data set, seed): value}; metric "noisy:σ" is the ROC-AUC under noise σ, "drop:σ"
+    the ROC-AUC lost to it (clean − noisy)."""
+    if metric.startswith("noisy:"):
+        sig = metric.split(":", 1)[1]
+        get = lambda r: r["noisy_roc_auc"][sig]  # noqa: E731
+    elif metric.startswith("drop:"):
+        sig = metric.split(":", 1)[1]
+        get = lambda r: r["roc_auc"] - r["noisy_roc_auc"][sig]  # noqa: E731
+    else:
+        get = lambda r: r[metric]  # noqa: E731
+    return {
+        (r["dataset"], r["seed"]): get(r)
+        for r in runs
+        if r["method"] == method and r["dataset"] in datasets
+    }
+
+
+def group_paired_difference(runs: list[dict], datasets, a: str, b: str, metric: str) -> dict:
+    """`a` − `b` averaged over the group's data sets, paired by seed (a seed fixes every
+    set's split): per seed the mean over data sets of the difference on the same split,
+    then the mean over seeds and its standard error."""
+    va, vb = _seed_values(runs, datasets, a, metric), _seed_values(runs, datasets, b, metric)
+    seeds = sorted({s for _, s in va})
+    per_seed = []
+    for s in seeds:
+        keys = [(d, s) for d in datasets if (d, s) in va and (d, s) in vb]
+        if keys:
+            per_seed.append(np.mean([va[k] - vb[k] for k in keys]))
+    d = np.asarray(per_seed, dtype=np.float64)
+    if not len(d):
+        return {"mean": float("nan"), "se": float("nan"), "n": 0}
+    se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
+    return {"mean": float(d.mean()), "se": se, "n": len(d)}
 
 
 def paired_differences(runs: list[dict], datasets, a: str, b: str, metric: str = "roc_auc"):
@@ -85,24 +150,90 @@ def _pm(s: dict, digits: int = 3) -> str:
 
 
 def _metric_table(summary: dict, datasets, methods, metric: str) -> list[str]:
-    lines = ["| data set | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
+    lines = [
+        "| data set | group | " + " | ".join(methods) + " |",
+        "|---" * (len(methods) + 2) + "|",
+    ]
     for ds in datasets:
         cells = [_pm(summary["per_dataset"][ds][m][metric]) for m in methods]
-        lines.append(f"| {ds} | " + " | ".join(cells) + " |")
+        lines.append(f"| {ds} | {_group(summary, ds)} | " + " | ".join(cells) + " |")
     means = [f"**{summary['mean_over_datasets'][m][metric]:.3f}**" for m in methods]
-    lines.append("| **mean** | " + " | ".join(means) + " |")
+    lines.append("| **mean, all** | | " + " | ".join(means) + " |")
     return lines
+
+
+def _group(summary: dict, ds: str) -> str:
+    return next((g for g, e in (summary.get("groups") or {}).items() if ds in e["datasets"]), "")
+
+
+def _group_lines(results: dict) -> list[str]:
+    """Per group: every method's mean ROC-AUC / PR-AUC and its paired difference from
+    the default; then the contraction check (default vs λ = 0, clean and under noise)."""
+    meta, summary = results["meta"], results["summary"]
+    methods, sigmas = meta["methods"], meta["noise_sigmas"]
+    default = meta.get("default_method")
+    groups = summary.get("groups") or {}
+    if not groups:
+        return []
+    n = len(meta["seeds"])
+    out = [
+        f"### Per group: mean over data sets, and {default} − each method, paired by split",
+        "",
+        f"The default ({default}) minus the method, averaged over the group's data sets "
+        f"on the same splits: mean ± standard error over {n} seeds (positive: the default "
+        "is better).",
+        "",
+        "| group (data sets) | method | ROC-AUC | default − method | PR-AUC | default − method |",
+        "|---|---|---|---|---|---|",
+    ]
+    for g, e in groups.items():
+        label = f"{g} ({len(e['datasets'])})"
+        for m in methods:
+            mean = e["mean"][m]
+            vs = e["vs_default"].get(m)
+            d_roc = f"{vs['roc_auc']['mean']:+.4f} ± {vs['roc_auc']['se']:.4f}" if vs else "—"
+            d_pr = f"{vs['pr_auc']['mean']:+.4f} ± {vs['pr_auc']['se']:.4f}" if vs else "—"
+            out.append(
+                f"| {label} | {m} | {mean['roc_auc']:.3f} | {d_roc} | {mean['pr_auc']:.3f} | {d_pr} |"
+            )
+    # the contraction shows in the reconstruction score: compare it with λ = 0 there
+    # when both are in the run, else the default with "ae"
+    cae, ae = ("cae:mae", "ae:mae") if {"cae:mae", "ae:mae"} <= set(methods) else (default, "ae")
+    default = cae
+    if default in methods and ae in methods:
+        sig_cols = " | ".join(f"ΔAUC lost σ={s}: {default} − {ae}" for s in sigmas)
+        out += [
+            "",
+            f"### Does the contraction earn its keep? {default} (λ > 0) − {ae} (λ = 0), paired",
+            "",
+            "Clean ROC-AUC difference (positive: the contraction helps), then the difference "
+            "in ROC-AUC lost under input noise of σ training standard deviations (negative: "
+            "the contraction loses less); mean ± standard error over seeds.",
+            "",
+            f"| group | ROC-AUC {default} − {ae} | {sig_cols} |",
+            "|---|---|" + "---|" * len(sigmas),
+        ]
+        for g, e in groups.items():
+            d = group_paired_difference(results["runs"], e["datasets"], default, ae, "roc_auc")
+            drops = [
+                group_paired_difference(results["runs"], e["datasets"], default, ae, f"drop:{s}")
+                for s in sigmas
+            ]
+            cells = " | ".join(f"{x['mean']:+.4f} ± {x['se']:.4f}" for x in drops)
+            out.append(f"| {g} | {d['mean']:+.4f} ± {d['se']:.4f} | {cells} |")
+    return out + [""]
 
 
 def render_markdown(results: dict) -> str:
     meta, summary = results["meta"], results["summary"]
     datasets, methods, sigmas = meta["datasets"], meta["methods"], meta["noise_sigmas"]
-    aes = [m for m in methods if m == "ae" or m.startswith("cae")]
+    aes = [m for m in methods if m == "ae" or m.startswith(("cae", "ae:"))]
     n = len(meta["seeds"])
     out = [
         f"Command: `{meta.get('command', 'python -m training.evaluate')}` — "
         f"{meta['date']}, {meta['machine']}, {meta['wall_s']:.0f} s.",
         "",
+        *_group_lines(results),
         f"### ROC-AUC (mean ± std over {n} seeds)",
         "",
         *_metric_table(summary, datasets, methods, "roc_auc"),
@@ -185,15 +316,17 @@ def render_plot(results: dict, path: Path) -> None:
 
     meta, summary = results["meta"], results["summary"]
     datasets, methods, sigmas = meta["datasets"], meta["methods"], meta["noise_sigmas"]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (ax1, ax2) = plt.subplots(
+        1, 2, figsize=(max(12, 2 + 1.1 * len(datasets)), 4.5), width_ratios=[3, 1]
+    )
     width = 0.8 / len(methods)
     xs = np.arange(len(datasets))
     for i, m in enumerate(methods):
         means = [summary["per_dataset"][d][m]["roc_auc"]["mean"] for d in datasets]
         stds = [summary["per_dataset"][d][m]["roc_auc"]["std"] for d in datasets]
         ax1.bar(xs + (i - (len(methods) - 1) / 2) * width, means, width, yerr=stds, label=m)
-    ax1.set_xticks(xs, datasets)
-    ax1.set_ylim(0.5, 1.0)
+    ax1.set_xticks(xs, datasets, rotation=45, ha="right", fontsize=8)
+    ax1.set_ylim(0.4, 1.0)
     ax1.set_ylabel("ROC-AUC")
     ax1.set_title(f"ROC-AUC, mean ± std over {len(meta['seeds'])} seeds")
     ax1.legend(fontsize=8, loc="lower left")

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from training.autotune import choose_penalty_weight
 from training.config import TrainConfig
@@ -20,7 +21,7 @@ from worker.calibration import calibration_summary
 from worker.checkpoint import Checkpoint, Golden, Manifest, Scaler
 from worker.datafile import DataError  # noqa: F401 - re-exported for the trainer
 from worker.model import ContractiveAutoencoder
-from worker.scoring import Scorer
+from worker.scoring import Scorer, nearest_neighbours
 
 GOLDEN_ROWS = 8
 
@@ -70,6 +71,35 @@ def split_holdout(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.nd
     return np.sort(order[n_hold:]), np.sort(order[:n_hold])
 
 
+def reference_rows(n: int, max_rows: int, seed: int) -> np.ndarray:
+    """Indices of the normal rows the knn score keeps: all of them, or a seeded random
+    `max_rows` of them (sorted)."""
+    if n <= max_rows:
+        return np.arange(n)
+    return np.sort(np.random.default_rng([seed, 524287]).choice(n, size=max_rows, replace=False))
+
+
+@torch.inference_mode()
+def leave_one_out_scores(
+    scorer: Scorer, x_hold: np.ndarray, hold_idx: np.ndarray, ref_idx: np.ndarray
+) -> np.ndarray:
+    """The knn scores of held-out normal rows as a new row would get them: a held-out row
+    that is itself a reference row is scored against the other reference rows (its
+    k + 1 nearest, itself left out), so the calibration scores are exchangeable with
+    those of unseen normal rows. Computed with the scorer's own maths (float64 out)."""
+    k = scorer.manifest.neighbours
+    position = np.full(int(max(hold_idx.max(), ref_idx.max())) + 1, -1)
+    position[ref_idx] = np.arange(len(ref_idx))
+    own = torch.from_numpy(position[hold_idx])
+    xd = torch.from_numpy(np.ascontiguousarray(x_hold, dtype=np.float32))
+    xs = (xd - scorer._center) * scorer._inv_scale
+    dist, index = nearest_neighbours(xs, scorer._reference, scorer._ref_sq, k + 1)
+    drop = index == own[:, None]
+    outside = ~drop.any(dim=1)  # not a reference row: drop its farthest of k + 1 instead
+    drop[outside, dist[outside].argmax(dim=1)] = True
+    return (dist.masked_fill(drop, 0.0).sum(dim=1) / k).double().numpy()
+
+
 def fit(
     x: np.ndarray,
     feature_names: list[str],
@@ -88,13 +118,20 @@ def fit(
         raise DataError(f"need at least 10 normal rows to train, got {len(x)}")
     train_idx, hold_idx = split_holdout(len(x), config.holdout_fraction, config.seed)
     check_target(config.target_fpr, len(hold_idx))  # before minutes of training
-    scaler = fit_scaler(x[train_idx], config.scaler)
+    knn = config.score == "knn"
+    # the knn score compares rows with every normal row (held-out ones included, each
+    # without itself: leave_one_out_scores), so its scale comes from all of them
+    scaler = fit_scaler(x if knn else x[train_idx], config.scaler)
     xs = apply_scaler(x, scaler)
     if config.penalty_weight == "auto":
         weight = choose_penalty_weight(xs[train_idx], xs[hold_idx], config)
     else:
         weight = float(config.penalty_weight)
     model, history = train_model(xs[train_idx], xs[hold_idx], config, weight, on_epoch)
+    ref_idx = None
+    if knn:
+        ref_idx = reference_rows(len(x), config.reference_rows, config.seed)
+        model = model.with_reference(torch.from_numpy(xs[ref_idx]))
     arch = model.config
     placeholder = Manifest(
         feature_names=list(feature_names),
@@ -106,13 +143,17 @@ def fit(
         target_fpr=config.target_fpr,
         calibration=[0.0],
         penalty_weight=weight,
+        neighbours=config.neighbours if knn else None,
         golden=Golden(inputs=[[0.0] * x.shape[1]], scores=[0.0]),
     )
     result = FitResult(
         model=model, manifest=placeholder, history=history, holdout_scores=np.empty(0)
     )
     scorer = result.scorer()
-    hold_scores = scorer.score_batch(x[hold_idx]).scores.astype(np.float64)
+    if knn:
+        hold_scores = leave_one_out_scores(scorer, x[hold_idx], hold_idx, ref_idx)
+    else:
+        hold_scores = scorer.score_batch(x[hold_idx], explain="none").scores.astype(np.float64)
     calibration = calibrate(hold_scores, config.target_fpr)
     golden_x = x[hold_idx[:GOLDEN_ROWS]]
     golden_scores = scorer.score_batch(golden_x).scores

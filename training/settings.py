@@ -17,7 +17,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from training.config import PenaltyMode, ScalerKind, TrainConfig
-from worker.model_config import Activation
+from worker.model_config import Activation, ScoreKind
 from worker.settings import KafkaSettings, settings_error_line
 
 ENV_PREFIX = "TRAINER_"
@@ -29,6 +29,7 @@ _TRAIN_CONFIG_NAMES = {"epochs": "max_epochs", "projections": "n_projections"}
 HYPER_PARAMETERS = (
     "target_fpr", "penalty_weight", "penalty_mode", "projections", "seed", "epochs",
     "patience", "batch_size", "lr", "code_dim", "hidden", "activation", "scaler",
+    "score", "neighbours", "reference_rows",
 )  # fmt: skip
 
 
@@ -70,6 +71,9 @@ class TrainerSettings(BaseSettings):
     hidden: Annotated[tuple[int, ...], NoDecode] = _default("hidden")
     activation: Activation = _default("activation")
     scaler: ScalerKind = _default("scaler")
+    score: ScoreKind = _default("score")
+    neighbours: int = Field(default=_default("neighbours"), gt=0)
+    reference_rows: int = Field(default=_default("reference_rows"), gt=0)
     torch_threads: int = Field(default=1, ge=1, le=256)
 
     # Retraining from the input topic, once or periodically.
@@ -208,6 +212,20 @@ FLAGS: dict[str, list[tuple[str, str, str]]] = {
         ("--activation", _choices(Activation), "encoder activation {default}"),
         ("--scaler", _choices(ScalerKind), "input scaler {default}"),
         (
+            "--score",
+            _choices(ScoreKind),
+            "how a row is scored: knn = mean distance to its nearest normal training rows "
+            "(stored in the checkpoint), mae / mse = the autoencoder's reconstruction error "
+            "{default}",
+        ),
+        ("--neighbours", "K", "k of the knn score {default}"),
+        (
+            "--reference-rows",
+            "N",
+            "normal rows the knn score keeps (a seeded sample of N when there are more); "
+            "its scoring cost and checkpoint size grow with N {default}",
+        ),
+        (
             "--torch-threads",
             "N",
             "CPU threads for training; 1 is fastest for small models {default}",
@@ -283,7 +301,9 @@ def settings_error_message(exc: ValidationError) -> str:
 def train_config_error_message(exc: ValidationError) -> str:
     """One line for hyper-parameters TrainConfig refuses, named by their flag."""
     err = exc.errors()[0]
-    field = str(err["loc"][0]) if err.get("loc") else "?"
+    if not err.get("loc"):  # a rule across hyper-parameters: its message names them
+        return "invalid settings: " + str(err.get("msg", "invalid")).removeprefix("Value error, ")
+    field = str(err["loc"][0])
     name = {v: k for k, v in _TRAIN_CONFIG_NAMES.items()}.get(field, field)
     msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
     return f"invalid setting --{name.replace('_', '-')}={err.get('input')!r}: {msg}"

@@ -31,6 +31,7 @@ from safetensors.torch import save as st_save
 
 from worker.calibration import TailFit, ThresholdMethod
 from worker.model import CAEConfig, ContractiveAutoencoder
+from worker.model_config import ScoreKind
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -103,8 +104,11 @@ class Manifest(BaseModel):
     input_dim: int = Field(gt=0)
     architecture: CAEConfig
     scaler: Scaler
-    # How per-feature errors become one score (worker.scoring.errors_to_score).
-    score: Literal["mse", "mae"] = "mse"
+    # How a row's score is computed (worker.scoring): "mse" / "mae" from the per-feature
+    # reconstruction errors, "knn" the mean distance to the `neighbours` nearest of the
+    # architecture's `reference_rows` stored rows.
+    score: ScoreKind = "mse"
+    neighbours: int | None = Field(default=None, gt=0)
     threshold: float
     target_fpr: float = Field(gt=0, lt=1)
     # Sorted scores of held-out normal rows: p-values up to the tail's t.
@@ -137,6 +141,13 @@ class Manifest(BaseModel):
             raise ValueError(f"golden inputs must have {d} columns")
         if len(self.golden.inputs) != len(self.golden.scores) or not self.golden.inputs:
             raise ValueError("golden batch must have as many scores as inputs, at least one")
+        if (self.score == "knn") != (self.neighbours is not None):
+            raise ValueError("score 'knn' needs neighbours (k), and only it")
+        if self.neighbours is not None and self.architecture.reference_rows < self.neighbours:
+            raise ValueError(
+                f"knn score: {self.architecture.reference_rows} reference rows, "
+                f"fewer than neighbours {self.neighbours}"
+            )
         if any(b < a for a, b in zip(self.calibration, self.calibration[1:], strict=False)):
             raise ValueError("calibration must be sorted")
         if self.threshold_method == "gpd":
@@ -263,9 +274,12 @@ def read_latest(model_dir: str | os.PathLike) -> str | None:
 def _looks_like_pickle(data: bytes) -> bool:
     # Pickle protocol 2+ starts with PROTO (0x80); torch.save zips start with PK.
     # Protocols 0 and 1 start with any opcode but, like every pickle, end in STOP (".").
-    if data[:1] == b"\x80" or data[:2] == b"PK":
-        return True
-    return data[-1:] == b"." and not _has_safetensors_header(data)
+    # A file with a safetensors header is read as safetensors (which never unpickles)
+    # whatever its first bytes: its 8-byte header length may well start with 0x80 or
+    # "PK" (a header of 128 + 256·j bytes does), and such a file is no pickle.
+    if _has_safetensors_header(data):
+        return False
+    return data[:1] == b"\x80" or data[:2] == b"PK" or data[-1:] == b"."
 
 
 def _has_safetensors_header(data: bytes) -> bool:

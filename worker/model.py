@@ -41,6 +41,18 @@ class ContractiveAutoencoder(nn.Module):
             layers += [nn.Linear(a, b), act()]
         layers.append(nn.Linear(rev[-2], rev[-1]))
         self.decoder = nn.Sequential(*layers)
+        # the knn score's reference rows travel in the state dict, so they are written,
+        # hashed and shape-checked with the weights (worker/checkpoint.py)
+        rows = config.reference_rows
+        self.register_buffer("reference", torch.zeros(rows, config.input_dim) if rows else None)
+
+    def with_reference(self, reference: torch.Tensor) -> ContractiveAutoencoder:
+        """A copy of this model (same weights) that stores `reference` rows [M, D]."""
+        config = self.config.model_copy(update={"reference_rows": int(reference.shape[0])})
+        model = ContractiveAutoencoder(CAEConfig.model_validate(config.model_dump()))
+        state = {k: v for k, v in self.state_dict().items() if k != "reference"}
+        model.load_state_dict({**state, "reference": reference.detach().float().cpu()})
+        return model.eval()
 
     def encode_with_preactivations(
         self, x: torch.Tensor

@@ -12,8 +12,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 Activation = Literal["sigmoid", "tanh", "relu", "softplus", "elu"]
 
-# How per-feature errors become one score (worker.scoring.errors_to_score).
-ScoreKind = Literal["mse", "mae"]
+# How a row's score is computed: from its per-feature reconstruction errors
+# (worker.scoring.errors_to_score: "mse", "mae"), or as its mean distance to the k
+# nearest reference rows stored with the model ("knn", worker.scoring.nearest_neighbours).
+ScoreKind = Literal["mse", "mae", "knn"]
 
 
 class CAEConfig(BaseModel):
@@ -26,6 +28,10 @@ class CAEConfig(BaseModel):
     # Encoder layers between input and code; the decoder mirrors them.
     hidden: tuple[int, ...] = ()
     activation: Activation = "sigmoid"
+    # Normal training rows (scaled units) stored with the weights for the "knn" score:
+    # the model's `reference` buffer, [reference_rows, input_dim]; 0 = none (manifests
+    # written before the knn score have no such field and read as 0).
+    reference_rows: int = Field(default=0, ge=0)
 
     @classmethod
     def for_input(cls, input_dim: int, **overrides) -> CAEConfig:

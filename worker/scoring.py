@@ -1,4 +1,11 @@
-"""Batch scoring: scale → model → per-feature error → score → p-value → top-k explanation.
+"""Batch scoring: scale → score → p-value → top-k explanation.
+
+The score is either the autoencoder's reconstruction error (scale → model → per-feature
+error → score; manifests with score "mae" or "mse") or the mean distance to the k
+nearest reference rows stored with the model (score "knn"; the default since the
+evaluation on unseen data sets, docs/eval). Either way the explanation is a
+per-feature squared difference: from the reconstruction, or from the mean of the row's
+k nearest reference rows.
 
 Scoring (a number, high = anomalous) is separate from deciding (score ≥ threshold);
 both travel in the checkpoint, so offline scoring and the streaming worker agree.
@@ -23,6 +30,11 @@ from worker.model_config import ScoreKind
 
 Precision = Literal["fp32", "bf16"]
 Explain = Literal["all", "anomalies", "none"]
+
+# Distances are computed for at most this many (row, reference row) pairs at once:
+# rows are taken in chunks of KNN_PAIRS // reference_rows (16 MiB of float32 at most),
+# so a batch's extra memory does not grow with its rows beyond its [B, k] results.
+KNN_PAIRS = 1 << 22
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +75,31 @@ def errors_to_score(err: torch.Tensor, kind: ScoreKind) -> torch.Tensor:
     raise ValueError(f"unknown score {kind!r}")
 
 
+def nearest_neighbours(
+    xs: torch.Tensor, reference: torch.Tensor, ref_sq: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k nearest reference rows of each row: (Euclidean distances [B, k], indices
+    [B, k]), both unsorted. Rows xs [B, D] and reference [M, D] in scaled units,
+    ref_sq [M] = each reference row's squared norm.
+
+    The candidates come from ‖r‖² − 2·x·r (the row's own ‖x‖² does not change its
+    ranking) in chunks of rows, one matrix product and a top-k each; the k distances
+    are then recomputed exactly from the differences, so a row's score does not carry
+    the cancellation error of the expanded form. Static shapes throughout (CUDA graphs).
+    """
+    chunk = max(1, KNN_PAIRS // max(1, reference.shape[0]))
+    dists, idx = [], []
+    for start in range(0, xs.shape[0], chunk):
+        x = xs[start : start + chunk]
+        d2 = torch.addmm(ref_sq, x, reference.T, alpha=-2.0)
+        i = torch.topk(d2, k, dim=1, largest=False, sorted=False).indices
+        idx.append(i)
+        dists.append((x[:, None, :] - reference[i]).square().sum(dim=2).sqrt())
+    if len(idx) == 1:
+        return dists[0], idx[0]
+    return torch.cat(dists), torch.cat(idx)
+
+
 class Scorer:
     """A verified model resident on one device, scoring whole batches at once.
 
@@ -93,9 +130,13 @@ class Scorer:
         if self.executor.device != self.device:
             raise ValueError(f"executor on {self.executor.device}, scorer on {self.device}")
         self.model = checkpoint.build_model(self.device)
+        m = self.manifest
+        # the knn score's reference rows, float32 whatever the model's precision
+        self._k = m.neighbours
+        self._reference = self.model.reference.float() if m.score == "knn" else None
+        self._ref_sq = self._reference.square().sum(dim=1) if self._k else None
         if precision == "bf16":
             self.model = self.model.to(torch.bfloat16)
-        m = self.manifest
         f32 = dict(dtype=torch.float32, device=self.device)
         self._center = torch.tensor(m.scaler.center, **f32)
         self._inv_scale = 1.0 / torch.tensor(m.scaler.scale, **f32)
@@ -133,22 +174,49 @@ class Scorer:
     def forward(self, xd: torch.Tensor, explain: Explain) -> torch.Tensor:
         """Packed float32 results for raw rows on the device, [B, 2] when explain is
         "none", else [B, 2 + 3k]: score, p-value, then the top-k contributions (share of
-        the row's error), expected values (input units) and feature indices (exact in
+        the row's squared difference from its reconstruction, or for the knn score from
+        the mean of its nearest reference rows), expected values (that reconstruction or
+        mean, input units) and feature indices (exact in
         float32) of every row ("all") or of the anomalous rows only ("anomalies"; the
         others' explanation columns are zero)."""
-        err, recon = self._errors(xd)
-        scores = errors_to_score(err, self.manifest.score)
+        if self._reference is not None:
+            xs = (xd - self._center) * self._inv_scale
+            dist, index = nearest_neighbours(xs, self._reference, self._ref_sq, self._k)
+            scores = dist.mean(dim=1)
+
+            def explain_rows(rows: torch.Tensor | None) -> torch.Tensor:
+                # against the mean of each row's nearest normal rows, computed for the
+                # explained rows only
+                x, i = (xs, index) if rows is None else (xs[rows], index[rows])
+                mean = self._neighbour_mean(i)
+                return self._explain((x - mean).square(), mean)
+        else:
+            err, recon = self._errors(xd)
+            scores = errors_to_score(err, self.manifest.score)
+
+            def explain_rows(rows: torch.Tensor | None) -> torch.Tensor:
+                if rows is None:
+                    return self._explain(err, recon)
+                return self._explain(err.index_select(0, rows), recon.index_select(0, rows))
+
         cols = [scores[:, None], self._p_values(scores)[:, None]]
         if explain == "all":
-            cols.append(self._explain(err, recon))
+            cols.append(explain_rows(None))
         elif explain == "anomalies":
             rows = torch.nonzero(scores >= self._threshold).squeeze(1)
-            top = err.new_zeros((len(scores), 3 * self.top_k))
+            top = scores.new_zeros((len(scores), 3 * self.top_k))
             if len(rows):  # none anomalous (most small batches): nothing to explain
-                picked = self._explain(err.index_select(0, rows), recon.index_select(0, rows))
-                top.index_copy_(0, rows, picked)
+                top.index_copy_(0, rows, explain_rows(rows))
             cols.append(top)
         return torch.cat(cols, dim=1)
+
+    def _neighbour_mean(self, index: torch.Tensor) -> torch.Tensor:
+        """[E, D]: the mean of each row's k reference rows (index [E, k]), one gathered
+        [E, D] at a time (never [E, k, D]: batches of float32-rows records are large)."""
+        mean = self._reference.index_select(0, index[:, 0])
+        for j in range(1, index.shape[1]):
+            mean = mean + self._reference.index_select(0, index[:, j])
+        return mean / index.shape[1]
 
     def _p_values(self, scores: torch.Tensor) -> torch.Tensor:
         """P(a normal row scores ≥ score): empirical up to the tail's t, the GPD tail's

@@ -94,8 +94,9 @@ def make_data(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return x.astype(np.float32), planted
 
 
-def train(model_dir: Path, seed: int) -> float:
-    """A small CAE on normal rows; returns its threshold's target false-positive rate."""
+def train(model_dir: Path, seed: int, score: str | None = None) -> float:
+    """A small CAE on normal rows; returns its threshold's target false-positive rate.
+    `score`: the checkpoint's score kind (default: the trainer's, knn)."""
     import torch
 
     from training.fit import TrainConfig, fit
@@ -104,6 +105,8 @@ def train(model_dir: Path, seed: int) -> float:
     torch.set_num_threads(1)  # the pre-fill producers run beside it on the same cores
     x, planted = make_data(4000, seed + 1)
     config = TrainConfig(max_epochs=25, patience=5, target_fpr=0.002, seed=seed)
+    if score is not None:
+        config = TrainConfig.model_validate({**config.model_dump(), "score": score})
     result = fit(x[~planted], [f"f{i}" for i in range(DIM)], config)
     publish(model_dir, result.model, result.manifest)
     return config.target_fpr
@@ -126,6 +129,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--rows-per-record", type=int, default=256)
     p.add_argument("--latency-s", type=float, default=12.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--score",
+        choices=["knn", "mae", "mse"],
+        default=None,
+        help="the model's score kind (default: the trainer's default, knn)",
+    )
+    p.add_argument(
+        "--throughput-only",
+        action="store_true",
+        help="only the worker and passthrough loops of each format (no naive, 2 workers, "
+        "emit=all, latency or delayed link): the cost of scoring, A/B with --score",
+    )
     p.add_argument(
         "--delay-ms",
         default="0,1,5",
@@ -266,7 +281,7 @@ def _run(args: argparse.Namespace, broker: EmbeddedBroker, tmp: Path) -> dict:
         )
         for enc in sizes
     }
-    target_fpr = train(model_dir, args.seed)
+    target_fpr = train(model_dir, args.seed, args.score)
     fill_stats = {}
     for enc, proc in fills.items():
         out, _ = proc.communicate(timeout=600)
@@ -298,6 +313,8 @@ def _run(args: argparse.Namespace, broker: EmbeddedBroker, tmp: Path) -> dict:
         ("float32", ["worker", *ab, "worker, emit=all", "passthrough", "naive"]),
         ("rows", ["worker", *ab, "passthrough"]),
     ]
+    if args.throughput_only:
+        loops = [(enc, ["worker", *ab, "passthrough"]) for enc, _ in loops]
     for enc, kinds in loops:
         topic = f"in-{enc}"
         ends = end_offsets(bootstrap, topic, PARTITIONS.get(topic, 1))
@@ -353,7 +370,7 @@ def _run(args: argparse.Namespace, broker: EmbeddedBroker, tmp: Path) -> dict:
 
     latency = {}
     variants = {"worker": {}, **({"worker+env": extra_env} if extra_env else {})}
-    for enc in ("json", "float32"):
+    for enc in () if args.throughput_only else ("json", "float32"):
         # Every record's event is needed, so the worker runs with WORKER_EMIT=all: offer
         # half of what it sustains that way (not half of the anomalies-only rate).
         rate = round(throughput[enc]["worker, emit=all"]["records_per_s"] / 2)
@@ -371,6 +388,16 @@ def _run(args: argparse.Namespace, broker: EmbeddedBroker, tmp: Path) -> dict:
     for enc in ("json", "float32"):
         t = throughput[enc]
         w = t["worker"]["records_per_s"]
+        if args.throughput_only:
+            ratios.append(
+                ratio(
+                    f"{enc}: worker / passthrough",
+                    w / t["passthrough"]["records_per_s"],
+                    GOALS["worker/passthrough"],
+                    NAME,
+                )
+            )
+            continue
         ratios.append(
             ratio(
                 f"{enc}: worker / passthrough",
@@ -422,7 +449,20 @@ def _run(args: argparse.Namespace, broker: EmbeddedBroker, tmp: Path) -> dict:
             NAME,
         )
     )
-    one, two = throughput["json"]["worker"], throughput["json"]["2 workers"]
+    one, two = throughput["json"]["worker"], throughput["json"].get("2 workers")
+    if two is None:  # --throughput-only
+        return _results(
+            args,
+            sizes,
+            target_fpr,
+            flagged_rows,
+            extra_env,
+            fill_stats,
+            throughput,
+            latency,
+            ratios,
+            admin,
+        )
     busy1, busy2 = one["all_busy"]["records_per_s"], two["all_busy"]["records_per_s"]
     ratios.append(
         ratio(
@@ -451,6 +491,23 @@ def _run(args: argparse.Namespace, broker: EmbeddedBroker, tmp: Path) -> dict:
                     NAME,
                 )
             )
+    return _results(
+        args,
+        sizes,
+        target_fpr,
+        flagged_rows,
+        extra_env,
+        fill_stats,
+        throughput,
+        latency,
+        ratios,
+        admin,
+    )
+
+
+def _results(
+    args, sizes, target_fpr, flagged_rows, extra_env, fill_stats, throughput, latency, ratios, admin
+) -> dict:
     admin.close()
     return {
         "config": {
@@ -459,6 +516,7 @@ def _run(args: argparse.Namespace, broker: EmbeddedBroker, tmp: Path) -> dict:
             "dim": DIM,
             "planted_anomaly_rate": ANOMALY_RATE,
             "model_target_fpr": target_fpr,
+            "model_score": args.score or "default (knn)",
             "model_flagged_fraction": {k: float(v.mean()) for k, v in flagged_rows.items()},
             "rows_per_record": args.rows_per_record,
             "worker_env_ab": extra_env,

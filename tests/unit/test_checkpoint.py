@@ -13,7 +13,9 @@ import pytest
 import torch
 from safetensors.torch import save as st_save
 
+from tests.conftest import TINY_FEATURES
 from tests.support import PickleCanary, plant_pickle
+from training.fit import TrainConfig, fit
 from worker.checkpoint import (
     MANIFEST_FILE,
     WEIGHTS_FILE,
@@ -258,3 +260,61 @@ def test_every_refusal_is_a_checkpoint_error():
         GoldenMismatch,
     ):
         assert issubclass(cls, CheckpointError)
+
+
+def test_knn_reference_rows_are_shape_checked(version_dir):
+    manifest = json.loads((version_dir / MANIFEST_FILE).read_text())
+    assert manifest["score"] == "knn" and manifest["architecture"]["reference_rows"] > 5
+    state = state_of(version_dir)
+    rewrite(version_dir, weights=st_save({**state, "reference": state["reference"][:-1].clone()}))
+    with pytest.raises(ShapeMismatch, match="reference"):
+        read_checkpoint(version_dir)
+
+
+@pytest.mark.parametrize(
+    "corrupt",
+    [
+        pytest.param(lambda m: {**m, "neighbours": None}, id="knn-without-k"),
+        pytest.param(
+            lambda m: {**m, "neighbours": m["architecture"]["reference_rows"] + 1},
+            id="k-above-reference-rows",
+        ),
+        pytest.param(lambda m: {**m, "score": "mae"}, id="k-without-knn"),
+    ],
+)
+def test_inconsistent_knn_manifest(version_dir, corrupt):
+    manifest = json.loads((version_dir / MANIFEST_FILE).read_text())
+    (version_dir / MANIFEST_FILE).write_text(json.dumps(corrupt(manifest)))
+    with pytest.raises(ManifestInvalid):
+        read_checkpoint(version_dir)
+
+
+def test_a_reconstruction_checkpoint_from_before_knn_scores_as_before(tmp_path, tiny_rows):
+    fitted = fit(tiny_rows, TINY_FEATURES, TrainConfig(max_epochs=3, seed=0, score="mae"))
+    version_dir = tmp_path / publish(tmp_path, fitted.model, fitted.manifest)
+    # what an older trainer wrote: no neighbours, no architecture.reference_rows
+    manifest = json.loads((version_dir / MANIFEST_FILE).read_text())
+    del manifest["neighbours"], manifest["architecture"]["reference_rows"]
+    (version_dir / MANIFEST_FILE).write_text(json.dumps(manifest))
+    assert "reference" not in state_of(version_dir)
+    scorer = load_scorer(version_dir)
+    got = scorer.score_batch(tiny_rows)
+    recon = scorer.reconstruct(tiny_rows)
+    scale = np.asarray(manifest["scaler"]["scale"], dtype=np.float32)
+    mae = (np.abs(tiny_rows - recon) / scale).mean(axis=1)
+    np.testing.assert_allclose(got.scores, mae, rtol=1e-4, atol=1e-6)
+    assert np.array_equal(got.scores, fitted.scorer().score_batch(tiny_rows).scores)
+
+
+def test_safetensors_whose_header_length_starts_like_a_pickle_loads(version_dir):
+    # A header of 128 + 256·j bytes makes the file's first byte 0x80, pickle's PROTO
+    # opcode: still safetensors (nothing there is unpickled), and it must load.
+    state = state_of(version_dir)
+    weights = next(
+        w
+        for w in (st_save(state, metadata={"pad": "x" * pad}) for pad in range(256))
+        if w[:1] == b"\x80"
+    )
+    assert weights[:1] == b"\x80"
+    rewrite(version_dir, weights=weights)
+    assert read_checkpoint(version_dir).state_dict.keys() == state.keys()

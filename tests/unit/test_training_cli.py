@@ -233,3 +233,19 @@ def test_flags_override_the_environment_and_unset_flags_keep_it(monkeypatch):
 
 def test_unset_hyper_parameters_are_train_configs_defaults(tmp_path):
     assert parse_cli(["--data", str(tmp_path / "x.csv")]).train_config() == TrainConfig()
+
+
+def test_score_flags_reach_the_checkpoint(tmp_path, labelled_csv, capsys):
+    knn, mae = tmp_path / "knn", tmp_path / "mae"
+    flags = ["--data", str(labelled_csv), *FAST]
+    assert main([*flags, "--out", str(knn), "--neighbours", "3", "--reference-rows", "50"]) == 0
+    assert main([*flags, "--out", str(mae), "--score", "mae"]) == 0
+    m = published_manifest(knn)
+    assert (m["score"], m["neighbours"], m["architecture"]["reference_rows"]) == ("knn", 3, 50)
+    m = published_manifest(mae)
+    assert (m["score"], m["neighbours"], m["architecture"]["reference_rows"]) == ("mae", None, 0)
+    capsys.readouterr()
+    assert main([*flags, "--out", str(tmp_path / "bad"), "--reference-rows", "5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: invalid settings: --reference-rows (5) must exceed --neighbours (5)"]
+    assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())
