@@ -1,7 +1,8 @@
-"""python -m deploy.init_topics [--partitions N] [--replication-factor R] TOPIC...
+"""python -m deploy.init_topics [--partitions N] [--replication-factor R] [--compact TOPIC] TOPIC...
 
 Creates the topics that do not exist yet and grows a topic that has fewer partitions than
-asked. Partitions are never removed; after growing, keys map to other partitions, so grow
+asked. A topic named with --compact is created compacted (cleanup.policy=compact: the
+incidents' state changelog). Partitions are never removed; after growing, keys map to other partitions, so grow
 before producers start. A broker that refuses to grow is logged, not fatal. Waits up to
 --timeout-s for the broker. Exit 0 when every topic exists, 1 when the broker refused,
 2 for a bad setting.
@@ -28,13 +29,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m deploy.init_topics", description=__doc__.split("\n\n")[1]
     )
-    p.add_argument("topics", nargs="+", metavar="TOPIC")
+    p.add_argument("topics", nargs="*", metavar="TOPIC")
+    p.add_argument(
+        "--compact",
+        action="append",
+        default=[],
+        metavar="TOPIC",
+        help="a topic to create compacted (cleanup.policy=compact); repeatable",
+    )
     p.add_argument("--partitions", type=int, default=6, help="partitions per topic (default 6)")
     p.add_argument("--replication-factor", type=int, default=1, help="(default 1)")
     p.add_argument("--timeout-s", type=float, default=120.0, help="wait this long for the broker")
     args = p.parse_args(argv)
     if args.partitions < 1 or args.replication_factor < 1:
         p.error("--partitions and --replication-factor must be ≥ 1")
+    if not args.topics and not args.compact:
+        p.error("name at least one TOPIC")
     return args
 
 
@@ -66,14 +76,29 @@ def partition_counts(admin: KafkaAdminClient, topics: list[str]) -> dict[str, in
     return {d["name"]: len(d["partitions"]) for d in admin.describe_topics(present)}
 
 
+COMPACTED = {"cleanup.policy": "compact"}
+
+
 def ensure_topics(
-    admin: KafkaAdminClient, topics: list[str], partitions: int, replication: int
+    admin: KafkaAdminClient,
+    topics: list[str],
+    partitions: int,
+    replication: int,
+    compact: list[str] = (),
 ) -> dict[str, int]:
+    topics = list(dict.fromkeys([*topics, *compact]))
     counts = partition_counts(admin, topics)
     missing = [t for t in topics if t not in counts]
     if missing:
         try:
-            admin.create_topics([NewTopic(t, partitions, replication) for t in missing])
+            admin.create_topics(
+                [
+                    NewTopic(
+                        t, partitions, replication, topic_configs=COMPACTED if t in compact else {}
+                    )
+                    for t in missing
+                ]
+            )
         except TopicAlreadyExistsError:  # another initialiser won the race
             pass
         log.info(
@@ -101,7 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         admin = connect(kafka, args.timeout_s)
         try:
-            result = ensure_topics(admin, args.topics, args.partitions, args.replication_factor)
+            result = ensure_topics(
+                admin, args.topics, args.partitions, args.replication_factor, args.compact
+            )
         finally:
             admin.close()
     except (KafkaError, OSError) as e:

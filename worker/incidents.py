@@ -140,6 +140,9 @@ class KeyState:
     pending: list[Anomaly] = field(default_factory=list)  # the window's anomalies, oldest first
     last_anomaly_ms: int = 0
     incident: Incident | None = None
+    # The resolve message of the key's last incident, kept for 2 × quiet after its last
+    # anomalous row, so a restore can announce it again (docs/contract.md#incidents).
+    closed: str | None = None
 
     def pack(self) -> bytes:
         return orjson.dumps(
@@ -148,6 +151,7 @@ class KeyState:
                 "p": [a.pack() for a in self.pending],
                 "la": self.last_anomaly_ms,
                 "i": self.incident.pack() if self.incident else None,
+                "c": self.closed,
             }
         )
 
@@ -160,6 +164,7 @@ class KeyState:
             [Anomaly.unpack(a) for a in v["p"]],
             v["la"],
             Incident.unpack(inc) if inc else None,
+            v.get("c"),
         )
 
 
@@ -205,6 +210,7 @@ class _Journal:
 
     states: dict = field(default_factory=dict)  # (p, key) → KeyState copy | None
     marks: dict = field(default_factory=dict)  # p → (applied, stream) | None
+    queued: list = field(default_factory=list)  # re-announcements this batch carried
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,6 +241,7 @@ class IncidentTracker:
         self.stream_ms: dict[int, int] = {}  # partition → largest event time seen
         self._due: dict[int, int] = {}  # partition → no key resolves before this stream time
         self._journals: list[_Journal] = []  # undelivered batches, oldest first
+        self._queued: list = []  # re-announcements for the next batch
         self._journal: _Journal | None = None
         self._out: Observed | None = None
 
@@ -245,12 +252,15 @@ class IncidentTracker:
 
     # -- one batch ----------------------------------------------------------------
 
-    def observe(self, rows: Rows) -> Observed:
-        """Apply one batch's rows, in (partition, offset, row) order."""
+    def observe(self, rows: Rows | None) -> Observed:
+        """Apply one batch's rows, in (partition, offset, row) order. Every batch is
+        observed, even one without valid rows: `settled` counts batches."""
         out = self._out = Observed()
-        self._journal = _Journal()
+        self._journal = _Journal(queued=self._queued)
         self._journals.append(self._journal)
-        if len(rows):
+        out.messages.extend(self._queued)
+        self._queued = []
+        if rows is not None and len(rows):
             self._apply(rows)
         for p in sorted(out.applied):
             self._sweep(p, self.stream_ms[p])
@@ -342,7 +352,7 @@ class IncidentTracker:
             if a is not None and len(state.pending) >= cfg.open_count:
                 state.incident = self._open(p, key, state, a)
                 state.mask, state.pending = 0, []
-            elif not state.pending:
+            elif not state.pending and state.closed is None:
                 self._changed(sk, None)
                 return
         self.states[sk] = state
@@ -367,21 +377,42 @@ class IncidentTracker:
         self._announce(key, inc, "open")
         return inc
 
+    def _deadline(self, s: KeyState) -> int:
+        """Stream time at which the key's state next expires."""
+        quiet = self.config.quiet_ms
+        if s.incident is not None or s.pending:
+            return s.last_anomaly_ms + quiet
+        return s.last_anomaly_ms + 2 * quiet  # only a closed incident's message is left
+
     def _sweep(self, p: int, stream: int) -> None:
-        """Resolve (or forget) the keys of partition p that were quiet long enough."""
+        """Resolve (or forget) what expired on partition p: quiet long enough."""
         if stream < self._due.get(p, -(1 << 62)):
             return
-        quiet = self.config.quiet_ms
-        due, later = [], 1 << 62
-        for sk, s in self.states.items():
-            if sk[0] == p:
-                if stream - s.last_anomaly_ms >= quiet:
-                    due.append(sk)
-                else:
-                    later = min(later, s.last_anomaly_ms + quiet)
-        self._due[p] = later  # deadlines only move later, so this stays a lower bound
-        for sk in due:
-            self._drop(sk, "quiet")
+        for sk in [
+            sk for sk, s in self.states.items() if sk[0] == p and stream >= self._deadline(s)
+        ]:
+            self._expire(sk)
+        # deadlines only move later, so this stays a lower bound until a rollback or restore
+        self._due[p] = min(
+            (self._deadline(s) for sk, s in self.states.items() if sk[0] == p), default=1 << 62
+        )
+
+    def _expire(self, sk) -> None:
+        self._touch(sk)
+        state = self.states.pop(sk)
+        if state.incident is not None:
+            self._out.resolved += 1
+            state.closed = self._announce(sk[1], state.incident, "resolved", "quiet").decode()
+            state.incident = None
+        elif state.pending:
+            state.mask, state.pending = 0, []
+        else:
+            state.closed = None
+        if state.closed is None:
+            self._changed(sk, None)
+        else:
+            self.states[sk] = state
+            self._changed(sk, state)
 
     def _drop(self, sk, resolution: str) -> None:
         self._touch(sk)
@@ -398,14 +429,22 @@ class IncidentTracker:
 
     # -- messages -----------------------------------------------------------------
 
-    def _announce(self, key, inc: Incident, status: str, resolution: str | None = None) -> None:
+    def _announce(self, key, inc: Incident, status: str, resolution: str | None = None) -> bytes:
+        value = self._message(key, inc, status, resolution, inc.seq)
+        inc.seq += 1
+        inc.announced_ms = inc.updated_ms
+        inc.dirty = False
+        self._out.messages.append((key, value, [("schema", SCHEMA_HEADER)]))
+        return value
+
+    def _message(self, key, inc: Incident, status: str, resolution: str | None, seq: int) -> bytes:
         x = inc.strongest
         p = inc.first[0]
         msg = {
             "schema_version": SCHEMA_VERSION,
             "kind": KIND,
             "incident_id": inc.id,
-            "sequence": inc.seq,
+            "sequence": seq,
             "key": None if key is None else key.decode("utf-8", "backslashreplace"),
             "status": status,
             "resolution": resolution,
@@ -428,10 +467,7 @@ class IncidentTracker:
                 "last_anomaly": _src(inc.last),
             },
         }
-        inc.seq += 1
-        inc.announced_ms = inc.updated_ms
-        inc.dirty = False
-        self._out.messages.append((key, orjson.dumps(msg), [("schema", SCHEMA_HEADER)]))
+        return orjson.dumps(msg)
 
     # -- journal and changes -------------------------------------------------------
 
@@ -459,6 +495,7 @@ class IncidentTracker:
     def rollback(self) -> None:
         """Undo every batch not delivered yet, newest first: back to the last delivered one."""
         self._due.clear()
+        self._queued = [m for j in self._journals for m in j.queued] + self._queued
         for j in reversed(self._journals):
             for sk, old in j.states.items():
                 self.states.pop(sk, None)
@@ -474,6 +511,10 @@ class IncidentTracker:
 
     # -- partitions ------------------------------------------------------------------
 
+    def partitions(self) -> set[int]:
+        """Partitions the tracker holds anything of."""
+        return {p for p, _ in self.states} | set(self.applied)
+
     def drop_partitions(self, partitions) -> None:
         """Forget the state of partitions this worker no longer holds."""
         gone = set(partitions)
@@ -484,14 +525,35 @@ class IncidentTracker:
             self.applied.pop(p, None)
             self.stream_ms.pop(p, None)
 
-    def restore(self, p: int, states: dict, applied: int | None, stream_ms: int | None) -> None:
-        """Load partition p's state, as read back from the changelog."""
+    def restore(
+        self,
+        p: int,
+        states: dict,
+        applied: int | None,
+        stream_ms: int | None,
+        reannounce: bool = False,
+    ) -> int:
+        """Load partition p's state, as read back from the changelog. With `reannounce`,
+        the next batch carries each open incident's current message and each kept
+        resolve message once more (same id and sequence). Returns the incidents queued."""
+        queued = 0
         for key, raw in states.items():
-            self.states[(p, key)] = KeyState.unpack(raw)
+            state = self.states[(p, key)] = KeyState.unpack(raw)
+            if not reannounce:
+                continue
+            if state.incident is not None:
+                inc = state.incident
+                value = self._message(key, inc, "open", None, max(0, inc.seq - 1))
+                self._queued.append((key, value, [("schema", SCHEMA_HEADER)]))
+                queued += 1
+            if state.closed is not None:
+                self._queued.append((key, state.closed.encode(), [("schema", SCHEMA_HEADER)]))
+                queued += 1
         self._due.pop(p, None)
         if applied is not None:
             self.applied[p] = applied
             self.stream_ms[p] = stream_ms
+        return queued
 
 
 def _src(src: Src) -> dict:
@@ -505,10 +567,7 @@ def rows_of(decoded, result, feature_names: list[str], version: str) -> Rows:
     """The tracker's view of a scored batch (worker.codec.Decoded, worker.scoring.BatchScores)."""
     records = decoded.records
     rec_ts = np.fromiter(
-        (
-            t or r.timestamp
-            for t, r in zip(decoded.timestamps, records, strict=True)
-        ),
+        (t or r.timestamp for t, r in zip(decoded.timestamps, records, strict=True)),
         dtype=np.int64,
         count=len(records),
     )
@@ -544,3 +603,48 @@ def rows_of(decoded, result, feature_names: list[str], version: str) -> Rows:
 
 def incident_schema() -> dict:
     return json.loads(resources.files("worker").joinpath("incident.schema.json").read_text())
+
+
+# -- the changelog (WORKER_INCIDENT_STATE_TOPIC) --------------------------------------
+# Record keys: b"k" + the entity key, b"n" for the None key (compaction needs a key),
+# and b"m" for the partition's marker: {"applied": next offset, "stream_ms": stream time}.
+
+MARKER_KEY = b"m"
+
+
+def state_key(key: bytes | None) -> bytes:
+    return b"n" if key is None else b"k" + key
+
+
+def entity_key(raw: bytes) -> bytes | None:
+    return None if raw == b"n" else raw[1:]
+
+
+def changelog_records(observed: Observed) -> list[tuple[int, bytes, bytes | None]]:
+    """(partition, key, value) per changed key (None: a tombstone), then each marker."""
+    out = [
+        (p, state_key(key), value)
+        for p, changed in observed.changed.items()
+        for key, value in changed.items()
+    ]
+    for p, (applied, stream_ms) in observed.applied.items():
+        out.append((p, MARKER_KEY, orjson.dumps({"applied": applied, "stream_ms": stream_ms})))
+    return out
+
+
+def read_changelog(records) -> tuple[dict, int | None, int | None]:
+    """One partition's changelog records, oldest first → (entity key → packed state,
+    applied, stream_ms): the last value per key wins; a tombstone deletes."""
+    states: dict = {}
+    applied = stream_ms = None
+    for rec in records:
+        if rec.key == MARKER_KEY:
+            mark = orjson.loads(rec.value)
+            applied, stream_ms = mark["applied"], mark["stream_ms"]
+        elif rec.key:
+            key = entity_key(rec.key)
+            if rec.value is None:
+                states.pop(key, None)
+            else:
+                states[key] = rec.value
+    return states, applied, stream_ms

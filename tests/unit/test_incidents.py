@@ -255,3 +255,70 @@ def test_false_incidents_at_the_default_target_rate():
     tracker = IncidentTracker(IncidentConfig(topic="t"))
     opened = sum(tracker.observe(rows(spec[i : i + 1_000])).opened for i in range(0, n, 1_000))
     assert opened <= n / 10_000
+
+
+def test_incidents_off_means_no_tracker():
+    from worker.incident_state import incident_tracker
+    from worker.settings import WorkerSettings
+
+    assert incident_tracker(WorkerSettings(incident_topic="none")) is None
+    on = incident_tracker(WorkerSettings(incident_window=10, incident_open_share=0.3))
+    assert on is not None and on.config.open_count == 3 and on.config.topic == "features"
+
+
+def restored_copy(tracker: IncidentTracker, outs: list, reannounce: bool) -> IncidentTracker:
+    """A new tracker from the changelog records of `outs` (as a restart reads them back)."""
+    from worker.incidents import changelog_records, read_changelog
+
+    class Rec:
+        def __init__(self, key, value):
+            self.key, self.value = key, value
+
+    by_p: dict = {}
+    for out in outs:
+        for p, key, value in changelog_records(out):
+            by_p.setdefault(p, []).append(Rec(key, value))
+    fresh = IncidentTracker(tracker.config)
+    for p, recs in by_p.items():
+        fresh.restore(p, *read_changelog(recs), reannounce=reannounce)
+    return fresh
+
+
+def test_a_restore_announces_open_and_recently_resolved_incidents_again():
+    c = cfg(quiet_ms=5_000)
+    spec = [(0, i, b"a", T0 + i * 100, True) for i in range(6)]  # opens on a
+    spec += [
+        (0, 6 + i, b"b", T0 + 600 + i * 100, i < 5 or i >= 45) for i in range(60)
+    ]  # a resolves
+    tracker = IncidentTracker(c)
+    outs = [tracker.observe(rows(spec[i : i + 10])) for i in range(0, len(spec), 10)]
+    sent = [m for out in outs for m in messages(out)]
+    last = {m["incident_id"]: m for m in sent}
+    assert sorted(m["status"] for m in last.values()) == ["open", "resolved"]
+
+    quiet = restored_copy(tracker, outs, reannounce=False)
+    assert quiet.states == tracker.states
+    assert quiet.observe(None).messages == []
+
+    loud = restored_copy(tracker, outs, reannounce=True)
+    again = messages(loud.observe(None))
+    assert {m["incident_id"]: (m["sequence"], m["status"]) for m in again} == {
+        i: (m["sequence"], m["status"]) for i, m in last.items()
+    }
+    resolved = next(m for m in again if m["status"] == "resolved")
+    assert resolved == last[resolved["incident_id"]]  # the very message
+    # a rollback puts the re-announcements back for the next batch
+    loud.rollback()
+    assert sorted(m["incident_id"] for m in messages(loud.observe(None))) == sorted(last)
+
+
+def test_a_resolved_incident_is_remembered_for_twice_the_quiet_period_then_forgotten():
+    tracker = IncidentTracker(cfg(quiet_ms=1_000))
+    spec = [(0, i, b"a", T0 + i * 100, True) for i in range(5)]
+    spec += [(0, 5 + i, b"z", T0 + 500 + i * 100, False) for i in range(30)]
+    out = [tracker.observe(rows([r])) for r in spec]
+    resolved_at = next(i for i, o in enumerate(out) if o.resolved)
+    assert spec[resolved_at][3] == T0 + 400 + 1_000  # the row that passed the quiet period
+    forgotten = next(i for i, o in enumerate(out) if o.changed.get(0, {}).get(b"a", 1) is None)
+    assert forgotten > resolved_at and spec[forgotten][3] == T0 + 400 + 2_000
+    assert tracker.states == {}
