@@ -80,6 +80,9 @@ def _run(broker, proxy, delays_ms, data, model_dir, threshold, tmp, baseline_rep
                 "WORKER_OUTPUT_TOPIC": f"{slug}-events",
                 "WORKER_DLQ_TOPIC": f"{TOPIC}.dlq",
                 "WORKER_GROUP_ID": slug,
+                # the loops share the input: each its own incident state
+                "WORKER_INCIDENT_TOPIC": f"{slug}-incidents",
+                "WORKER_INCIDENT_STATE_TOPIC": f"{slug}-incidents-state",
                 # Not the group id: with both equal, Tansu 0.6 showed none of the
                 # transaction's offsets to the probe until the worker had exited.
                 "WORKER_TRANSACTIONAL_ID": f"{slug}-tx",
