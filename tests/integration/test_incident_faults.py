@@ -12,6 +12,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from kafka.errors import KafkaError
+from kafka.future import Future
 
 from tests.integration.conftest import DIM
 from tests.integration.kafka_helpers import (
@@ -30,6 +32,7 @@ from tests.integration.kafka_helpers import (
 from tests.support import normal_rows
 from worker import codec
 from worker.checkpoint import LATEST_FILE
+from worker.clients import open_clients
 from worker.codec import Codec
 from worker.incident_state import incident_tracker
 from worker.scoring import load_scorer
@@ -256,3 +259,50 @@ def test_eviction_caps_the_keys_and_resolves_what_it_evicts(broker, topics, mode
         s for s in families["cae_incidents"].samples if s.labels.get("transition") == "evicted"
     ]
     assert sum(s.value for s in evicted if s.name.endswith("_total")) == 2
+
+
+def test_a_failed_delivery_rolls_the_incidents_back_with_the_records(broker, topics, model_dir):
+    """Every send fails for a spell that starts with the first incident message: the
+    rewound records are scored again from the state of the last delivered batch, so
+    every message of a clean run comes (none skipped as already applied)."""
+    p = producer(broker.bootstrap)
+    for key, value in keyed_rows():
+        p.send(topics["input"], key=key, value=value)
+    p.flush()
+    p.close()
+    spell = {"start": None, "failed": 0}
+
+    def failing_spell(*args):
+        clients = open_clients(*args)
+        real_send = clients.producer.send
+
+        def send(topic, **kw):
+            now = time.monotonic()
+            if spell["start"] is None and topic == topics["incidents"]:
+                spell["start"] = now
+            if spell["start"] is not None and now - spell["start"] < 1.0:
+                spell["failed"] += topic == topics["incidents"]
+                return Future().failure(KafkaError("injected: broker refused the write"))
+            return real_send(topic, **kw)
+
+        clients.producer.send = send
+        return clients
+
+    s = worker_settings(
+        broker.bootstrap,
+        topics,
+        model_dir,
+        max_batch_size=50,
+        incident_update_ms=1_000,
+        incident_quiet_ms=5_000,
+        max_records=N,
+    )
+    summary = Worker(s, open_clients=failing_spell).run()
+    assert summary.publish_failures >= 1 and summary.records == N and spell["failed"] >= 1
+    got, want = (
+        incidents(broker.bootstrap, topics["incidents"]),
+        reference(broker, topics, model_dir),
+    )
+    assert_same_incidents(got, want)
+    for iid, msgs in want.items():
+        assert {m["sequence"] for m in got[iid]} == {m["sequence"] for m in msgs}, iid
