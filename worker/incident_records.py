@@ -94,6 +94,10 @@ class KeyState:
     # The resolve message of the key's last incident, kept for 2 × quiet after its last
     # anomalous row, so a restore can announce it again (docs/contract.md#incidents).
     closed: str | None = None
+    # (offset, row) of the last row applied: a changelog record can land without its
+    # partition's marker (a crash between the two), and then the rows between the
+    # marker and this position are read again but must not count twice.
+    pos: tuple[int, int] = (-1, -1)
 
     def pack(self) -> bytes:
         return orjson.dumps(
@@ -103,6 +107,7 @@ class KeyState:
                 "la": self.last_anomaly_ms,
                 "i": self.incident.pack() if self.incident else None,
                 "c": self.closed,
+                "o": list(self.pos),
             }
         )
 
@@ -116,6 +121,7 @@ class KeyState:
             v["la"],
             Incident.unpack(inc) if inc else None,
             v.get("c"),
+            tuple(v.get("o", (-1, -1))),
         )
 
 

@@ -203,8 +203,12 @@ class IncidentTracker:
             self._touch(sk)
             state = KeyState()
         else:
+            if (int(rows.offset[i]), int(rows.row[i])) <= state.pos:
+                self._out.skipped += 1  # already in this key's state (see KeyState.pos)
+                return
             self._touch(sk)
             del self.states[sk]  # re-inserted below: most recently touched last
+        state.pos = (int(rows.offset[i]), int(rows.row[i]))
         a = None
         if anomalous:
             a = Anomaly(
