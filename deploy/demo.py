@@ -1,10 +1,11 @@
 """make demo (python -m deploy.demo): the whole product on an embedded broker, in about two minutes.
 
 Starts a Kafka-protocol broker (Tansu) on loopback, trains a model on normal sensor
-traffic, starts the worker as its own process, streams labelled mixed traffic at a
-steady rate, retrains and publishes a new checkpoint half-way (hot reload), prints
-alerts as they arrive, and ends with a summary and a PNG timeline. Ctrl-C at any
-moment stops everything it started.
+traffic, starts the worker as its own process, streams labelled mixed traffic of
+several machines (one Kafka key each; one reading per machine per second of event
+time) at a steady rate, retrains and publishes a new checkpoint half-way (hot
+reload), prints alerts and incidents as they arrive, and ends with a summary (record-
+and episode-level) and a PNG timeline. Ctrl-C at any moment stops everything it started.
 """
 
 from __future__ import annotations
@@ -33,7 +34,17 @@ from worker.checkpoint import publish
 from worker.codec import encode_json
 
 ROOT = Path(__file__).resolve().parents[1]
-TOPICS = {"input": "features", "output": "anomalies", "dlq": "features.dlq"}
+TOPICS = {
+    "input": "features",
+    "output": "anomalies",
+    "dlq": "features.dlq",
+    "incidents": "incidents",
+    "state": "incidents.state",
+}
+INPUT_PARTITIONS = 3
+MACHINES = 4
+SAMPLE_MS = 1_000  # event time between two readings of one machine
+T_START_MS = 1_764_230_400_000  # event time of the first readings (2025-11-27 08:00 UTC)
 
 
 @dataclass
@@ -45,6 +56,8 @@ class Seen:
     latency_ms: list[float] = field(default_factory=list)
     version: dict[int, str] = field(default_factory=dict)
     threshold: dict[str, float] = field(default_factory=dict)
+    sent_at_ms: np.ndarray | None = None  # wall time each input record was sent
+    incidents: dict[str, list[dict]] = field(default_factory=dict)  # id → its messages
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -94,7 +107,7 @@ def _consume(
                         seen.score[i] = ev["score"]
                         seen.version[i] = ev["model"]["version"]
                         seen.threshold[ev["model"]["version"]] = ev["threshold"]
-                        seen.latency_ms.append(now - ev["source"]["timestamp_ms"])
+                        seen.latency_ms.append(now - seen.sent_at_ms[i])
                         if ev["is_anomaly"]:
                             seen.flagged.add(i)
                     if ev["is_anomaly"] and printed < alerts_to_print:
@@ -115,6 +128,104 @@ def _consume(
                             )
     finally:
         consumer.close()
+
+
+def _machine_rows(stream_seed: int, n: int):
+    """n records of MACHINES machines, interleaved (record i is machine i % MACHINES's
+    reading i // MACHINES): rows, labels, kinds, keys, event times, and each machine's
+    episodes."""
+    per = -(-n // MACHINES)
+    parts = [SensorStream(seed=stream_seed + 1000 * m).mixed(per) for m in range(MACHINES)]
+    i = np.arange(n)
+    m, j = i % MACHINES, i // MACHINES
+    x = np.stack([parts[a][0][b] for a, b in zip(m, j, strict=True)])
+    labels = np.asarray([parts[a][1][b] for a, b in zip(m, j, strict=True)])
+    kinds = [parts[a][2][b] for a, b in zip(m, j, strict=True)]
+    keys = [f"machine-{a}".encode() for a in m]
+    ts = T_START_MS + j * SAMPLE_MS
+    episodes = {f"machine-{a}": parts[a][3] for a in range(MACHINES)}
+    return x, labels, kinds, keys, ts, episodes
+
+
+def _consume_incidents(bootstrap: str, seen: Seen, stop: threading.Event, to_print: int):
+    consumer = KafkaConsumer(
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        fetch_max_wait_ms=20,
+    )
+    topic = TOPICS["incidents"]
+    consumer.assign([TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)])
+    printed = 0
+    try:
+        while not stop.is_set():
+            for records in consumer.poll(timeout_ms=200).values():
+                for rec in records:
+                    msg = orjson.loads(rec.value)
+                    with seen.lock:
+                        history = seen.incidents.setdefault(msg["incident_id"], [])
+                        fresh = all(m["sequence"] != msg["sequence"] for m in history)
+                        history.append(msg)
+                    first, done = msg["sequence"] == 0, msg["status"] == "resolved"
+                    if fresh and (first or done) and printed < to_print:
+                        at = time.strftime("%H:%M:%S", time.gmtime(msg["updated_at_ms"] / 1000))
+                        top = msg["top_features"][0]["name"] if msg["top_features"] else "-"
+                        what = "RESOLVED" if done else "OPEN    "
+                        span = (
+                            f"after {(msg['ended_at_ms'] - msg['started_at_ms']) / 1000:.0f} s"
+                            if done
+                            else f"severity {msg['severity']}"
+                        )
+                        _say(
+                            f"⚑ incident {what} {msg['key']:10} {msg['incident_id'][:8]}  event time {at}  "
+                            f"{msg['anomalies']:>3} of {msg['records']:>3} records anomalous, top {top:14} {span}"
+                        )
+                        printed += 1
+                        if printed == to_print:
+                            _say(
+                                f"… (further incidents are counted, not printed; all are in topic '{topic}')"
+                            )
+    finally:
+        consumer.close()
+
+
+def episode_report(incidents: dict[str, list[dict]], episodes: dict) -> dict:
+    """Episode-level detection: an incident matches an episode of its key when its
+    [started_at, ended_at] event-time span overlaps the episode's rows (an open
+    incident: up to its latest update). Spikes (one record) cannot open an incident
+    and are left out."""
+    last = {iid: max(msgs, key=lambda m: m["sequence"]) for iid, msgs in incidents.items()}
+    opened = {
+        iid: min(msgs, key=lambda m: m["sequence"])["updated_at_ms"]
+        for iid, msgs in incidents.items()
+    }
+    spans = [
+        (m["key"], m["started_at_ms"], m["ended_at_ms"] or m["updated_at_ms"], iid)
+        for iid, m in last.items()
+    ]
+    matched: set[str] = set()
+    detected, exactly_one, to_open, total = 0, 0, [], 0
+    for key, eps in episodes.items():
+        for ep in eps:
+            if ep.length < 2:
+                continue
+            total += 1
+            lo = T_START_MS + ep.start * SAMPLE_MS
+            hi = T_START_MS + (ep.start + ep.length - 1) * SAMPLE_MS
+            hits = [iid for k, a, b, iid in spans if k == key and a <= hi and b >= lo]
+            matched.update(hits)
+            if hits:
+                detected += 1
+                exactly_one += len(hits) == 1
+                to_open.append((min(opened[i] for i in hits) - lo) / 1000)
+    return {
+        "episodes": total,
+        "detected": detected,
+        "exactly_one": exactly_one,
+        "false_incidents": len(last) - len(matched),
+        "incidents": len(last),
+        "time_to_open_s": to_open,
+    }
 
 
 def _plot(
@@ -182,8 +293,10 @@ def run(args) -> int:
         from kafka.admin import NewTopic
 
         admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap)
+        # the incidents' state changelog needs the input's partition count
+        per_key = (TOPICS["input"], TOPICS["state"])
         admin.create_topics(
-            [NewTopic(t, 3 if t == TOPICS["input"] else 1, 1) for t in TOPICS.values()]
+            [NewTopic(t, INPUT_PARTITIONS if t in per_key else 1, 1) for t in TOPICS.values()]
         )
         admin.close()
 
@@ -200,6 +313,8 @@ def run(args) -> int:
             "WORKER_INPUT_TOPIC": TOPICS["input"],
             "WORKER_OUTPUT_TOPIC": TOPICS["output"],
             "WORKER_DLQ_TOPIC": TOPICS["dlq"],
+            "WORKER_INCIDENT_TOPIC": TOPICS["incidents"],
+            "WORKER_INCIDENT_STATE_TOPIC": TOPICS["state"],
             "WORKER_MODEL_DIR": str(model_dir),
             "WORKER_EMIT": "all",  # every decision, so the timeline has every score
             "WORKER_METRICS_PORT": str(metrics_port),
@@ -228,18 +343,26 @@ def run(args) -> int:
             _train_config(args.seed + 1),
         )
         _wait_for_partitions(metrics_port, worker)
-        x, labels, kinds, episodes = stream.mixed(args.records)
-        seen = Seen()
+        x, labels, kinds, keys, ts, episodes = _machine_rows(args.seed + 7, args.records)
+        seen = Seen(sent_at_ms=np.zeros(args.records))
         consumer = threading.Thread(
             target=_consume,
             args=(broker.bootstrap, seen, labels, kinds, stop, args.print_alerts),
             daemon=True,
         )
         consumer.start()
+        watcher = threading.Thread(
+            target=_consume_incidents,
+            args=(broker.bootstrap, seen, stop, args.print_incidents),
+            daemon=True,
+        )
+        watcher.start()
+        n_episodes = sum(len(e) for e in episodes.values())
         producer = KafkaProducer(bootstrap_servers=broker.bootstrap, acks="all", linger_ms=5)
         _say(
-            f"▶ streaming {args.records} records at {args.rate}/s with {int(labels.sum())} labelled anomalous rows "
-            f"({len(episodes)} episodes: {', '.join(KINDS)})\n"
+            f"▶ streaming {args.records} records of {MACHINES} machines (Kafka keys machine-0…{MACHINES - 1}, "
+            f"one reading a second of event time) at {args.rate}/s with {int(labels.sum())} labelled anomalous rows "
+            f"({n_episodes} episodes: {', '.join(KINDS)})\n"
         )
         half = args.records // 2
         new_version: list[str] = []
@@ -248,8 +371,9 @@ def run(args) -> int:
             total=args.records, unit="rec", desc="streaming", file=sys.stderr, disable=None
         ) as bar:
             for i in range(args.records):
+                seen.sent_at_ms[i] = time.time() * 1000
                 producer.send(
-                    TOPICS["input"], key=SENSORS[i % 3].encode(), value=encode_json(x[i], id=str(i))
+                    TOPICS["input"], key=keys[i], value=encode_json(x[i], id=str(i), ts=int(ts[i]))
                 )
                 if i == half:
                     new_version.append(publish(model_dir, retrained.model, retrained.manifest))
@@ -270,8 +394,10 @@ def run(args) -> int:
             len(seen.score) < args.records and time.monotonic() < deadline and worker.poll() is None
         ):
             time.sleep(0.2)
+        time.sleep(1.0)  # the last batch's incident messages
         stop.set()
         consumer.join(timeout=10)
+        watcher.join(timeout=10)
         worker.send_signal(signal.SIGTERM)
         code = worker.wait(timeout=60)
         worker = None
@@ -332,6 +458,14 @@ def _summarise(
     lat = np.asarray(seen.latency_ms)
     versions = [seen.version.get(i, "") for i in range(n)]
     seen_versions = list(dict.fromkeys(v for v in versions if v))
+    with seen.lock:
+        inc = episode_report(dict(seen.incidents), episodes)
+    tto = np.asarray(inc["time_to_open_s"])
+    open_text = (
+        f"median {np.median(tto):.0f} s, max {tto.max():.0f} s"
+        if len(tto)
+        else "no incident opened"
+    )
     png = out / "timeline.png"
     _plot(png, scores, labels, versions, seen.threshold, half)
     by_kind = []
@@ -350,6 +484,10 @@ def _summarise(
         f"end-to-end latency     p50 {np.percentile(lat, 50):.0f} ms, p99 {np.percentile(lat, 99):.0f} ms"
         if len(lat)
         else "latency: no events",
+        f"incidents              {inc['incidents']}: {inc['detected']} of {inc['episodes']} multi-record episodes detected "
+        f"({inc['exactly_one']} by exactly one incident), {inc['false_incidents']} false "
+        f"({inc['false_incidents'] / max(1e-9, (n - labels.sum()) / 10_000):.2f} per 10 000 normal records)",
+        f"time to open           {open_text}   (event time from the episode's first record; spikes are single records: alerts, not incidents)",
         f"model versions seen    {' → '.join(seen_versions)}"
         + ("  (hot reload ✓)" if len(seen_versions) > 1 else ""),
         f"timeline               {png}",
@@ -366,6 +504,8 @@ def _summarise(
         "latency_p50_ms": float(np.percentile(lat, 50)) if len(lat) else None,
         "latency_p99_ms": float(np.percentile(lat, 99)) if len(lat) else None,
         "versions": seen_versions,
+        "incidents": {k: v for k, v in inc.items() if k != "time_to_open_s"},
+        "time_to_open_s_median": float(np.median(tto)) if len(tto) else None,
     }
     (out / "summary.json").write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))
     ok = len(seen.score) == n and worker_code == 0 and len(seen_versions) > 1
@@ -384,6 +524,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-rows", type=int, default=8000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--print-alerts", type=int, default=25)
+    p.add_argument("--print-incidents", type=int, default=40)
     p.add_argument("--out", default="demo-out")
     args = p.parse_args(argv)
     from worker.logs import configure_logging

@@ -1,7 +1,9 @@
-"""python -m deploy.init_topics [--partitions N] [--replication-factor R] [--model-topic T] TOPIC...
+"""python -m deploy.init_topics [--partitions N] [--replication-factor R] [--compact TOPIC] [--model-topic T] TOPIC...
 
 Creates the topics that do not exist yet and grows a topic that has fewer partitions than
-asked. Partitions are never removed; after growing, keys map to other partitions, so grow
+asked. A topic named with --compact is created compacted (cleanup.policy=compact: the
+incidents' state changelog). Partitions are never removed; after growing, keys map
+to other partitions, so grow
 before producers start. A broker that refuses to grow is logged, not fatal. The model
 topic (--model-topic, or WORKER_MODEL_TOPIC) is created compacted with one partition
 (docs/contract.md#model-topic). Waits up to --timeout-s for the broker. Exit 0 when
@@ -32,6 +34,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("topics", nargs="*", metavar="TOPIC")
     p.add_argument(
+        "--compact",
+        action="append",
+        default=[],
+        metavar="TOPIC",
+        help="a topic to create compacted (cleanup.policy=compact); repeatable",
+    )
+    p.add_argument(
         "--model-topic",
         default=os.environ.get("WORKER_MODEL_TOPIC", ""),
         help="the compacted, one-partition checkpoint topic (default: WORKER_MODEL_TOPIC, "
@@ -43,8 +52,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.partitions < 1 or args.replication_factor < 1:
         p.error("--partitions and --replication-factor must be ≥ 1")
-    if not args.topics and not args.model_topic:
-        p.error("name at least one TOPIC or --model-topic")
+    if not args.topics and not args.compact and not args.model_topic:
+        p.error("name at least one TOPIC, --compact TOPIC or --model-topic")
     return args
 
 
@@ -76,14 +85,29 @@ def partition_counts(admin: KafkaAdminClient, topics: list[str]) -> dict[str, in
     return {d["name"]: len(d["partitions"]) for d in admin.describe_topics(present)}
 
 
+COMPACTED = {"cleanup.policy": "compact"}
+
+
 def ensure_topics(
-    admin: KafkaAdminClient, topics: list[str], partitions: int, replication: int
+    admin: KafkaAdminClient,
+    topics: list[str],
+    partitions: int,
+    replication: int,
+    compact: list[str] = (),
 ) -> dict[str, int]:
+    topics = list(dict.fromkeys([*topics, *compact]))
     counts = partition_counts(admin, topics)
     missing = [t for t in topics if t not in counts]
     if missing:
         try:
-            admin.create_topics([NewTopic(t, partitions, replication) for t in missing])
+            admin.create_topics(
+                [
+                    NewTopic(
+                        t, partitions, replication, topic_configs=COMPACTED if t in compact else {}
+                    )
+                    for t in missing
+                ]
+            )
         except TopicAlreadyExistsError:  # another initialiser won the race
             pass
         log.info(
@@ -128,7 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         admin = connect(kafka, args.timeout_s)
         try:
-            result = ensure_topics(admin, args.topics, args.partitions, args.replication_factor)
+            result = ensure_topics(
+                admin, args.topics, args.partitions, args.replication_factor, args.compact
+            )
             if args.model_topic:
                 ensure_model_topic(admin, args.model_topic, args.replication_factor)
                 result[args.model_topic] = 1

@@ -70,6 +70,27 @@ class WorkerMetrics:
         self.assigned_partitions = Gauge(
             "cae_assigned_partitions", "Input partitions this worker holds", registry=r
         )
+        self.incidents = Counter(
+            "cae_incidents",
+            "Incident transitions delivered (opened, resolved; evicted: resolved by eviction)",
+            ["transition"],
+            registry=r,
+        )
+        self.incident_keys = Gauge(
+            "cae_incident_keys", "Keys with incident state (held partitions)", registry=r
+        )
+        self.incidents_open = Gauge("cae_incidents_open", "Open incidents", registry=r)
+        self.incident_state_restored = Counter(
+            "cae_incident_state_restored_records",
+            "Changelog records read back on partition assignment",
+            registry=r,
+        )
+        self.incident_restore = Histogram(
+            "cae_incident_restore_seconds",
+            "Time to read back the incident state of newly assigned partitions",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
 
     def set_model(self, version: str) -> None:
         self.model_info.clear()
@@ -94,5 +115,10 @@ class WorkerMetrics:
         self.stage.labels(stage="publish").observe(publish_s)
         for seconds in latency_sample(outcome.records, time.time() * 1000):
             self.latency.observe(seconds)
+        if outcome.tracked is not None:
+            t = outcome.tracked
+            self.incidents.labels(transition="opened").inc(t.opened)
+            self.incidents.labels(transition="resolved").inc(t.resolved)
+            self.incidents.labels(transition="evicted").inc(t.evicted)
         for tp, behind in lag.items():
             self.lag.labels(topic=tp.topic, partition=str(tp.partition)).set(behind)

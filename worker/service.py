@@ -25,6 +25,7 @@ from worker.codec import Codec
 from worker.delivery import Settled, delivery_for, rewind
 from worker.executors import gpu_memory, release_cached_memory
 from worker.health import Health, HealthServer, broker_silence
+from worker.incident_state import incident_tracker, restore_incidents
 from worker.metrics import WorkerMetrics
 from worker.reload import CheckpointWatcher, source_for
 from worker.scoring import Scorer, resolve_device
@@ -104,6 +105,7 @@ class Worker:
         self.codec: Codec | None = None
         self.clients: KafkaClients | None = None
         self.delivery = delivery_for(settings)
+        self.incidents = incident_tracker(settings)
         self.batcher = MicroBatcher(settings.max_batch_size, settings.max_batch_wait_ms / 1000)
         self.bounds = RunBounds(settings.max_records, settings.idle_timeout_s)
         self.watcher = CheckpointWatcher(
@@ -239,6 +241,14 @@ class Worker:
         assignment, what the group gave: the idle clock restarts)."""
         self.bounds.held(len(held), assigned=assigned is not None)
         self.metrics.assigned_partitions.set(len(held))
+        if self.incidents is not None:  # after the flush: what was delivered is in the changelog
+            mine = {tp.partition for tp in held if tp.topic == self.settings.input_topic}
+            self.incidents.drop_partitions(self.incidents.partitions() - mine)
+            if assigned and self.settings.incident_state_on:
+                new = sorted(
+                    tp.partition for tp in assigned if tp.topic == self.settings.input_topic
+                )
+                restore_incidents(self.incidents, self.settings, self.metrics, new)
         if assigned is not None:
             log.info(
                 "partitions_assigned",
@@ -321,7 +331,14 @@ class Worker:
         Returns False when a delivery failed (and the consumer was rewound)."""
         if not records:
             return True
-        outcome = score_records(records, self.codec, self.scorer, self.settings.emit == "all")
+        outcome = score_records(
+            records,
+            self.codec,
+            self.scorer,
+            self.settings.emit == "all",
+            tracker=self.incidents,
+            with_state=self.settings.incident_state_on,
+        )
         if not self._settle(wait="room", unsent=records):
             return False
         try:
@@ -352,6 +369,8 @@ class Worker:
         self.summary.publish_failures += 1
         self.metrics.publish_failures.inc()
         dropped = self.delivery.abandon(self.clients.producer) + unsent + self.batcher.clear()
+        if self.incidents is not None:
+            self.incidents.rollback()  # back to the last delivered batch: its records come again
         firsts = first_offsets(dropped)
         log.error(
             "publish_failed",
@@ -372,6 +391,10 @@ class Worker:
                 lag[tp] = max(0, high - om.offset)
         self.summary.add(outcome)
         self.metrics.observe(outcome, publish_s, lag)
+        if self.incidents is not None:
+            self.incidents.settled()
+            self.metrics.incident_keys.set(len(self.incidents.states))
+            self.metrics.incidents_open.set(self.incidents.open_incidents())
         if self.scorer.device.type == "cuda":
             self.metrics.set_gpu_memory(gpu_memory(self.scorer.device))
         log.debug(

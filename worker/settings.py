@@ -125,6 +125,23 @@ class WorkerSettings(BaseSettings):
     # (idle = partitions assigned and no records; the clock restarts on each assignment).
     max_records: int | None = Field(default=None, ge=1)
     idle_timeout_s: float | None = Field(default=None, gt=0)
+    # Per-entity incidents (docs/contract.md#incidents); "none" turns them off.
+    incident_topic: str = "incidents"
+    # The per-key state's changelog (compacted, ≥ the input's partitions); "none": in memory only.
+    incident_state_topic: str = "incidents.state"
+    incident_window: int = Field(default=20, ge=1, le=1024)  # rows of a key
+    incident_open_share: float = Field(default=0.25, gt=0, le=1)
+    incident_update_ms: int = Field(default=10_000, ge=0)  # event time
+    incident_quiet_ms: int = Field(default=60_000, ge=1)  # event time
+    incident_max_keys: int = Field(default=100_000, ge=1)
+
+    @property
+    def incidents_on(self) -> bool:
+        return self.incident_topic != "none"
+
+    @property
+    def incident_state_on(self) -> bool:
+        return self.incidents_on and self.incident_state_topic != "none"
 
     @field_validator("device")
     @classmethod

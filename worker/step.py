@@ -15,6 +15,7 @@ from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from worker.codec import Codec, Rejected
 from worker.events import build_events, dlq_record
+from worker.incidents import IncidentTracker, Observed, changelog_records, rows_of
 from worker.scoring import Scorer
 
 Output = tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]  # key, value, headers
@@ -32,20 +33,37 @@ class BatchOutcome:
     anomalies: int = 0
     rejected: list[Rejected] = field(default_factory=list)
     compute_s: float = 0.0  # decode + score + build
+    incidents: list[Output] = field(default_factory=list)  # for WORKER_INCIDENT_TOPIC
+    # for WORKER_INCIDENT_STATE_TOPIC: (partition, key, value or None for a tombstone)
+    state: list[tuple[int, bytes, bytes | None]] = field(default_factory=list)
+    tracked: Observed | None = None  # what the batch did to the incident tracker
 
 
 def score_records(
-    records: list, codec: Codec, scorer: Scorer, emit_all: bool, now_ms: int | None = None
+    records: list,
+    codec: Codec,
+    scorer: Scorer,
+    emit_all: bool,
+    now_ms: int | None = None,
+    tracker: IncidentTracker | None = None,
+    with_state: bool = True,
 ) -> BatchOutcome:
-    """Decode, score and turn one batch of consumer records into its outputs."""
+    """Decode, score and turn one batch of consumer records into its outputs; with a
+    tracker, also its incident messages and (with_state) changelog records."""
     t0 = time.perf_counter()
     decoded = codec.decode(records)
-    events, anomalies = [], 0
+    events, anomalies, tracked = [], 0, None
     if len(decoded):
         scores = scorer.score_batch(decoded.rows, explain="all" if emit_all else "anomalies")
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
         events = build_events(decoded, scores, scorer, emit_all, now_ms)
         anomalies = int(scores.is_anomaly.sum())
+        if tracker is not None:
+            tracked = tracker.observe(
+                rows_of(decoded, scores, scorer.feature_names, scorer.version)
+            )
+    elif tracker is not None:
+        tracked = tracker.observe(None)  # journalled all the same: one per batch
     return BatchOutcome(
         records=records,
         events=events,
@@ -55,6 +73,9 @@ def score_records(
         anomalies=anomalies,
         rejected=list(decoded.rejected),
         compute_s=time.perf_counter() - t0,
+        incidents=tracked.messages if tracked else [],
+        state=changelog_records(tracked) if tracked and with_state else [],
+        tracked=tracked,
     )
 
 

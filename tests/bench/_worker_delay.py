@@ -122,6 +122,9 @@ class _DelayRun:
             "WORKER_OUTPUT_TOPIC": out,
             "WORKER_DLQ_TOPIC": f"{topic}.dlq",
             "WORKER_GROUP_ID": group,
+            # the loops share the input: each its own incident state
+            "WORKER_INCIDENT_TOPIC": f"{group}-incidents",
+            "WORKER_INCIDENT_STATE_TOPIC": f"{group}-incidents-state",
             # Not the group id: with both equal, Tansu 0.6 showed none of the
             # transaction's offsets to the probe until the worker had exited.
             "WORKER_TRANSACTIONAL_ID": f"{group}-tx",

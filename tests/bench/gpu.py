@@ -568,6 +568,9 @@ def worker_section(run: Run, version_dir: Path, tmp: Path) -> None:
                     "WORKER_OUTPUT_TOPIC": events,
                     "WORKER_DLQ_TOPIC": f"in-{enc}.dlq",
                     "WORKER_GROUP_ID": group,
+                    # the loops share the input: each its own incident state
+                    "WORKER_INCIDENT_TOPIC": f"{group}-incidents",
+                    "WORKER_INCIDENT_STATE_TOPIC": f"{group}-incidents-state",
                     "WORKER_MODEL_DIR": str(model_dir),
                     "WORKER_DEVICE": device.type,
                     "WORKER_METRICS_PORT": "0",

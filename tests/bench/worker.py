@@ -12,6 +12,8 @@ it measures, each over the same pre-filled topic (one consumer group per loop):
                rate while both partitions still have records, after the last rebalance
 * worker, emit=all  the worker publishing one event per record: the capacity that
                the latency run offers half of
+* worker, incidents off  the worker with WORKER_INCIDENT_TOPIC=none: beside `worker`
+               (incidents on, the default), the cost of per-entity incidents
 * passthrough  the same client settings, micro-batching, codec, event builder and
                publish path with no model, flagging as many rows as the model: the ceiling
 * naive        per record: poll one, decode, score a 1-row batch, send, flush, commit
@@ -37,6 +39,8 @@ proxy, to show that the proxy is not the bottleneck.
 `python -m worker` from another checkout to it.
 
 --worker-env KEY=VALUE adds an A/B loop "worker+env" (not in the standard run).
+--loops "worker;worker, incidents off;passthrough" runs only those loops (JSON and
+float32), prints their table and ratios, and skips the rest.
 
 Results: tests/bench/results/worker.json and markdown tables on stderr/stdout.
 """
@@ -160,6 +164,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="also time the worker with this extra environment (A/B), as loop 'worker+env'",
     )
     p.add_argument(
+        "--loops",
+        default="",
+        help="only these loops of the JSON and float32 topics, ';'-separated (e.g. "
+        "'worker;worker, incidents off;passthrough'); no latency, rows or delay runs",
+    )
+    p.add_argument(
         "--no-write", action="store_true", help="print the table, leave results/worker.json alone"
     )
     return p.parse_args(argv)
@@ -175,7 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
         if not args.delay_only:
             with EmbeddedBroker(log_path=tmp / "tansu.log") as broker:
                 results = _run(args, broker, tmp)
-        if args.delay_ms:
+        if args.delay_ms and not args.loops:
             results.update(_delayed(args, tmp))
     results = {
         "benchmark": NAME,
@@ -186,8 +196,9 @@ def main(argv: list[str] | None = None) -> dict:
         **results,
     }
     if not args.no_write:  # before rendering: a rendering bug must not lose a run
-        log(f"wrote {write_results(NAME + ('-delay' if args.delay_only else ''), results)}")
-    print(render(results))
+        suffix = "-delay" if args.delay_only else "-loops" if args.loops else ""
+        log(f"wrote {write_results(NAME + suffix, results)}")
+    print(render_loops(results) if args.loops else render(results))
     return results
 
 
@@ -245,6 +256,10 @@ def _run(args: argparse.Namespace, broker: EmbeddedBroker, tmp: Path) -> dict:
             "WORKER_HEARTBEAT_INTERVAL_MS": "1000",
             "WORKER_WAIT_FOR_MODEL_S": "60",
         }
+        # incidents on (the default), on topics of the loop's own: a changelog shared
+        # between loops would hand one loop's state (and applied offsets) to the next
+        e["WORKER_INCIDENT_TOPIC"] = f"{group}-incidents"
+        e["WORKER_INCIDENT_STATE_TOPIC"] = f"{group}-incidents-state"
         e.pop("WORKER_MAX_RECORDS", None)
         if max_records is not None:
             e["WORKER_MAX_RECORDS"] = str(max_records)
@@ -308,13 +323,17 @@ def _run(args: argparse.Namespace, broker: EmbeddedBroker, tmp: Path) -> dict:
     ab = ["worker+env"] if extra_env else []
     # Side by side on the same pre-filled topic; "worker, emit=all" is the capacity the
     # latency run offers half of; "2 workers" share the JSON topic's two partitions.
+    off = "worker, incidents off"
     loops = [
-        ("json", ["worker", "2 workers", *ab, "worker, emit=all", "passthrough", "naive"]),
-        ("float32", ["worker", *ab, "worker, emit=all", "passthrough", "naive"]),
+        ("json", ["worker", off, "2 workers", *ab, "worker, emit=all", "passthrough", "naive"]),
+        ("float32", ["worker", off, *ab, "worker, emit=all", "passthrough", "naive"]),
         ("rows", ["worker", *ab, "passthrough"]),
     ]
     if args.throughput_only:
         loops = [(enc, ["worker", *ab, "passthrough"]) for enc, _ in loops]
+    if args.loops:
+        only = [k.strip() for k in args.loops.split(";")]
+        loops = [(enc, [k for k in kinds if k in only]) for enc, kinds in loops[:2]]
     for enc, kinds in loops:
         topic = f"in-{enc}"
         ends = end_offsets(bootstrap, topic, PARTITIONS.get(topic, 1))
@@ -327,7 +346,8 @@ def _run(args: argparse.Namespace, broker: EmbeddedBroker, tmp: Path) -> dict:
                 n = min(n, args.emit_all_records)
             slug = kind.replace(", ", "-").replace("=", "-").replace(" ", "-")
             group, out = f"{enc}-{slug}", f"{enc}-{slug}-events"
-            create([out])
+            create([out, f"{group}-incidents"])
+            admin.create_topics([NewTopic(f"{group}-incidents-state", PARTITIONS.get(topic, 1), 1)])
             workers = 2 if kind == "2 workers" else 1
             loop_env = env(
                 topic,
@@ -338,6 +358,8 @@ def _run(args: argparse.Namespace, broker: EmbeddedBroker, tmp: Path) -> dict:
             )
             if kind == "worker+env":
                 loop_env.update(extra_env)
+            if kind == off:
+                loop_env["WORKER_INCIDENT_TOPIC"] = "none"
             cmd = (
                 [*CLIENTS, "passthrough", str(thresholds[enc])]
                 if kind == "passthrough"
@@ -368,6 +390,13 @@ def _run(args: argparse.Namespace, broker: EmbeddedBroker, tmp: Path) -> dict:
             )
             throughput[enc][kind] = r
 
+    if args.loops:
+        admin.close()
+        return {
+            "config": {"loops": only, "model_target_fpr": target_fpr},
+            "throughput": throughput,
+            "ratios": _incident_ratios(throughput),
+        }
     latency = {}
     variants = {"worker": {}, **({"worker+env": extra_env} if extra_env else {})}
     for enc in () if args.throughput_only else ("json", "float32"):
@@ -480,6 +509,7 @@ def _run(args: argparse.Namespace, broker: EmbeddedBroker, tmp: Path) -> dict:
             NAME,
         )
     )
+    ratios += _incident_ratios(throughput)
     if extra_env:
         for enc in sizes:
             t = throughput[enc]
@@ -536,6 +566,50 @@ def _results(
         "latency": latency,
         "ratios": ratios,
     }
+
+
+def _incident_ratios(throughput: dict) -> list[dict]:
+    """The cost of incidents: the worker with them (the default) beside the worker without
+    and the passthrough ceiling."""
+    out = []
+    for enc in ("json", "float32"):
+        t = throughput.get(enc, {})
+        on, off, ceiling = (
+            t.get(k, {}).get("records_per_s")
+            for k in ("worker", "worker, incidents off", "passthrough")
+        )
+        if on and off:
+            out.append(ratio(f"{enc}: worker, incidents on / off", on / off, None, NAME))
+        if on and ceiling:
+            out.append(
+                ratio(
+                    f"{enc}: worker (incidents on) / passthrough",
+                    on / ceiling,
+                    GOALS["worker/passthrough"],
+                    NAME,
+                )
+            )
+        if off and ceiling:
+            out.append(
+                ratio(f"{enc}: worker, incidents off / passthrough", off / ceiling, None, NAME)
+            )
+    return out
+
+
+def render_loops(results: dict) -> str:
+    rows = [
+        [enc, kind, r["records"], r["records_per_s"], r["outputs"], r["cpu_us_per_record"]]
+        for enc, loops in results["throughput"].items()
+        for kind, r in loops.items()
+    ]
+    table = markdown_table(
+        ["format", "loop", "records", "records/s", "events", "CPU µs/record"], rows
+    )
+    ratios = markdown_table(
+        ["ratio", "value", "goal"],
+        [[r["name"], r["value"], r.get("goal")] for r in results["ratios"]],
+    )
+    return table + "\n\n" + ratios
 
 
 def render_delayed(results: dict) -> str:

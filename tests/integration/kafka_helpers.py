@@ -22,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support import stop_worker, wait_for
 from worker.events import event_schema
+from worker.incidents import incident_schema
 from worker.settings import KafkaSettings, WorkerSettings
 
 __all__ = ["stop_worker", "wait_for"]  # shared with the unit tier, re-exported here
@@ -43,14 +44,18 @@ def create_topics(bootstrap: str, names: list[str], partitions: int = 3) -> None
 
 
 def new_topics(bootstrap: str, partitions: int = 3) -> dict[str, str]:
-    """Fresh input, output and DLQ topics (created) and a fresh group name."""
+    """Fresh input, output, DLQ, incident and incident-state topics (created) and a
+    fresh group name."""
     t = {
         "input": unique("features"),
         "output": unique("anomalies"),
         "dlq": unique("dlq"),
+        "incidents": unique("incidents"),
+        "state": unique("incidents-state"),
         "group": unique("group"),
     }
-    create_topics(bootstrap, [t["input"], t["output"], t["dlq"]], partitions=partitions)
+    names = [t["input"], t["output"], t["dlq"], t["incidents"], t["state"]]
+    create_topics(bootstrap, names, partitions=partitions)
     return t
 
 
@@ -128,6 +133,19 @@ def _event_validator() -> jsonschema.Draft202012Validator:
     return jsonschema.Draft202012Validator(event_schema())
 
 
+@functools.cache
+def _incident_validator() -> jsonschema.Draft202012Validator:
+    return jsonschema.Draft202012Validator(incident_schema())
+
+
+def incidents_of(records: list) -> list[dict]:
+    """The incident messages in records, each validated against worker/incident.schema.json."""
+    messages = [orjson.loads(r.value) for r in records]
+    for message in messages:
+        _incident_validator().validate(message)
+    return messages
+
+
 def events_of(records: list) -> list[dict]:
     """The events in output records, each validated against worker/event.schema.json."""
     events = [orjson.loads(r.value) for r in records]
@@ -154,6 +172,8 @@ def worker_settings(bootstrap: str, topics: dict, model_dir: Path, **kw) -> Work
         input_topic=topics["input"],
         output_topic=topics["output"],
         dlq_topic=topics["dlq"],
+        incident_topic=topics["incidents"],
+        incident_state_topic=topics["state"],
         group_id=topics["group"],
         model_dir=model_dir,
         metrics_port=0,
@@ -172,6 +192,8 @@ def worker_env(bootstrap: str, topics: dict, model_dir: Path, **extra) -> dict:
         WORKER_INPUT_TOPIC=topics["input"],
         WORKER_OUTPUT_TOPIC=topics["output"],
         WORKER_DLQ_TOPIC=topics["dlq"],
+        WORKER_INCIDENT_TOPIC=topics["incidents"],
+        WORKER_INCIDENT_STATE_TOPIC=topics["state"],
         WORKER_GROUP_ID=topics["group"],
         WORKER_MODEL_DIR=str(model_dir),
         WORKER_METRICS_PORT="0",

@@ -67,6 +67,12 @@ def test_demo_scores_every_record_reloads_and_reports(tmp_path):
     assert (out / "timeline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Traceback" not in r.stdout + r.stderr
     assert "precision / recall / F1" in r.stdout
+    # incidents per machine: this size has 7 multi-record episodes on 4 keys and measures
+    # 3 incidents, each on an episode (the model misses most broken correlations)
+    incidents = summary["incidents"]
+    assert incidents["detected"] >= 1 and incidents["false_incidents"] <= 2, incidents
+    assert "⚑ incident OPEN" in r.stdout and "⚑ incident RESOLVED" in r.stdout
+    assert "multi-record episodes detected" in r.stdout
 
 
 def test_ctrl_c_mid_stream_stops_everything_the_demo_started(tmp_path):

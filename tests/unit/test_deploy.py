@@ -222,7 +222,14 @@ def test_topic_init_creates_the_worker_topics(compose, monkeypatch):
     init = compose["services"]["kafka-init"]
     args = __import__("deploy.init_topics", fromlist=["parse_args"]).parse_args(init["command"][1:])
     worker = build_settings(monkeypatch, WorkerSettings, env_of(compose["services"]["worker"]))
-    assert set(args.topics) == {worker.input_topic, worker.output_topic, worker.dlq_topic}
+    assert set(args.topics) == {
+        worker.input_topic,
+        worker.output_topic,
+        worker.dlq_topic,
+        worker.incident_topic,
+    }
+    # the incidents' changelog: compacted, as many partitions as the input
+    assert args.compact == [worker.incident_state_topic]
     assert args.partitions == 6, "default PARTITIONS"
     assert "${PARTITIONS:-" in COMPOSE_FILE.read_text()
     assert init["depends_on"]["kafka"]["condition"] == "service_healthy"

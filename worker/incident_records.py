@@ -1,0 +1,248 @@
+"""The incident tracker's records (docs/contract.md#incidents): the scored rows it reads
+(`Rows`, `rows_of`), the per-key state it keeps (`Anomaly`, `Incident`, `KeyState`) and
+that state's changelog form on WORKER_INCIDENT_STATE_TOPIC, and the message schema.
+Pure data: nothing here talks to Kafka."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import resources
+
+import numpy as np
+import orjson
+
+Top = list  # [[name, value, expected, contribution], ...] of one row, largest first
+Src = tuple[int, int, int]  # partition, offset, row (-1: a single-vector record)
+
+
+@dataclass(slots=True)
+class Anomaly:
+    """One anomalous row, as much as an incident needs of it."""
+
+    ts: int
+    src: Src
+    score: float
+    p: float
+    top: Top
+    version: str
+
+    def pack(self) -> list:
+        return [self.ts, list(self.src), self.score, self.p, self.top, self.version]
+
+    @classmethod
+    def unpack(cls, v: list) -> Anomaly:
+        return cls(v[0], tuple(v[1]), v[2], v[3], v[4], v[5])
+
+
+@dataclass(slots=True)
+class Incident:
+    id: str
+    started_ms: int
+    records: int
+    anomalies: int
+    strongest: Anomaly
+    first: Src
+    last: Src
+    last_anomaly_ms: int
+    updated_ms: int  # event time of the newest row counted
+    announced_ms: int  # event time of the last message sent
+    seq: int = 0  # messages sent for this incident
+    dirty: bool = False  # changed since the last message
+
+    def pack(self) -> dict:
+        return {
+            "id": self.id,
+            "s": self.started_ms,
+            "r": self.records,
+            "a": self.anomalies,
+            "x": self.strongest.pack(),
+            "f": list(self.first),
+            "l": list(self.last),
+            "la": self.last_anomaly_ms,
+            "u": self.updated_ms,
+            "an": self.announced_ms,
+            "q": self.seq,
+            "d": self.dirty,
+        }
+
+    @classmethod
+    def unpack(cls, v: dict) -> Incident:
+        return cls(
+            v["id"],
+            v["s"],
+            v["r"],
+            v["a"],
+            Anomaly.unpack(v["x"]),
+            tuple(v["f"]),
+            tuple(v["l"]),
+            v["la"],
+            v["u"],
+            v["an"],
+            v["q"],
+            v["d"],
+        )
+
+
+@dataclass(slots=True)
+class KeyState:
+    mask: int = 0  # the window, bit 0 = newest row (unused while an incident is open)
+    pending: list[Anomaly] = field(default_factory=list)  # the window's anomalies, oldest first
+    last_anomaly_ms: int = 0
+    incident: Incident | None = None
+    # The resolve message of the key's last incident, kept for 2 × quiet after its last
+    # anomalous row, so a restore can announce it again (docs/contract.md#incidents).
+    closed: str | None = None
+    # (offset, row) of the last row applied: a changelog record can land without its
+    # partition's marker (a crash between the two), and then the rows between the
+    # marker and this position are read again but must not count twice.
+    pos: tuple[int, int] = (-1, -1)
+
+    def pack(self) -> bytes:
+        return orjson.dumps(
+            {
+                "m": self.mask,
+                "p": [a.pack() for a in self.pending],
+                "la": self.last_anomaly_ms,
+                "i": self.incident.pack() if self.incident else None,
+                "c": self.closed,
+                "o": list(self.pos),
+            }
+        )
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> KeyState:
+        v = orjson.loads(raw)
+        inc = v.get("i")
+        return cls(
+            v["m"],
+            [Anomaly.unpack(a) for a in v["p"]],
+            v["la"],
+            Incident.unpack(inc) if inc else None,
+            v.get("c"),
+            tuple(v.get("o", (-1, -1))),
+        )
+
+
+@dataclass(slots=True)
+class Rows:
+    """One batch's scored rows, in any order (the tracker sorts them by position)."""
+
+    partition: np.ndarray  # int64 [N]
+    offset: np.ndarray  # int64 [N]
+    row: np.ndarray  # int64 [N], -1 for a single-vector record
+    ts: np.ndarray  # int64 [N] event time, ms
+    is_anomaly: np.ndarray  # bool [N]
+    score: np.ndarray  # float [N]
+    p_value: np.ndarray  # float [N]
+    record: np.ndarray  # int64 [N] index into `keys`
+    keys: list  # per record: bytes | None
+    top: Callable[[int], Top]  # explanation of anomalous row i
+    version: str
+
+    def __len__(self) -> int:
+        return len(self.partition)
+
+
+def rows_of(decoded, result, feature_names: list[str], version: str) -> Rows:
+    """The tracker's view of a scored batch (worker.codec.Decoded, worker.scoring.BatchScores)."""
+    records = decoded.records
+    rec_ts = np.fromiter(
+        (t or r.timestamp for t, r in zip(decoded.timestamps, records, strict=True)),
+        dtype=np.int64,
+        count=len(records),
+    )
+    rec_idx = decoded.record_index
+    explained = result.explained
+
+    def top(i: int) -> Top:
+        w = int(np.searchsorted(explained, i))
+        return [
+            [feature_names[f], float(decoded.rows[i, f]), float(e), float(c)]
+            for f, e, c in zip(
+                result.top_index[w].tolist(),
+                result.top_expected[w].tolist(),
+                result.top_contribution[w].tolist(),
+                strict=True,
+            )
+        ]
+
+    return Rows(
+        partition=np.fromiter((r.partition for r in records), np.int64, len(records))[rec_idx],
+        offset=np.fromiter((r.offset for r in records), np.int64, len(records))[rec_idx],
+        row=decoded.row_index,
+        ts=rec_ts[rec_idx],
+        is_anomaly=result.is_anomaly,
+        score=result.scores,
+        p_value=result.p_values,
+        record=rec_idx,
+        keys=[r.key for r in records],
+        top=top,
+        version=version,
+    )
+
+
+def incident_schema() -> dict:
+    return json.loads(resources.files("worker").joinpath("incident.schema.json").read_text())
+
+
+@dataclass(slots=True)
+class Observed:
+    """What one batch did to the tracker: messages to publish, state to write, counts."""
+
+    messages: list[tuple[bytes | None, bytes, list[tuple[str, bytes]]]] = field(
+        default_factory=list
+    )
+    # partition → {key: packed state, or None for a deleted key}
+    changed: dict[int, dict] = field(default_factory=dict)
+    applied: dict[int, tuple[int, int]] = field(default_factory=dict)  # p → (next offset, stream)
+    opened: int = 0
+    resolved: int = 0
+    evicted: int = 0
+    skipped: int = 0  # rows already applied before a restart
+
+
+# -- the changelog (WORKER_INCIDENT_STATE_TOPIC) --------------------------------------
+# Record keys: b"k" + the entity key, b"n" for the None key (compaction needs a key),
+# and b"m" for the partition's marker: {"applied": next offset, "stream_ms": stream time}.
+
+MARKER_KEY = b"m"
+
+
+def state_key(key: bytes | None) -> bytes:
+    return b"n" if key is None else b"k" + key
+
+
+def entity_key(raw: bytes) -> bytes | None:
+    return None if raw == b"n" else raw[1:]
+
+
+def changelog_records(observed: Observed) -> list[tuple[int, bytes, bytes | None]]:
+    """(partition, key, value) per changed key (None: a tombstone), then each marker."""
+    out = [
+        (p, state_key(key), value)
+        for p, changed in observed.changed.items()
+        for key, value in changed.items()
+    ]
+    for p, (applied, stream_ms) in observed.applied.items():
+        out.append((p, MARKER_KEY, orjson.dumps({"applied": applied, "stream_ms": stream_ms})))
+    return out
+
+
+def read_changelog(records) -> tuple[dict, int | None, int | None]:
+    """One partition's changelog records, oldest first → (entity key → packed state,
+    applied, stream_ms): the last value per key wins; a tombstone deletes."""
+    states: dict = {}
+    applied = stream_ms = None
+    for rec in records:
+        if rec.key == MARKER_KEY:
+            mark = orjson.loads(rec.value)
+            applied, stream_ms = mark["applied"], mark["stream_ms"]
+        elif rec.key:
+            key = entity_key(rec.key)
+            if rec.value is None:
+                states.pop(key, None)
+            else:
+                states[key] = rec.value
+    return states, applied, stream_ms
