@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import socket
 import time
+from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import structlog
@@ -73,8 +74,7 @@ class Delivery(Protocol):
 
 class AtLeastOnce:
     def __init__(self, settings: WorkerSettings, depth: int = PIPELINE_DEPTH):
-        self.output_topic = settings.output_topic
-        self.dlq_topic = settings.dlq_topic
+        self.topics = OutputTopics.of(settings)
         self.pipeline = Pipeline(depth)
         self._uncommitted: dict = {}  # acknowledged offsets not yet committed synchronously
 
@@ -91,7 +91,7 @@ class AtLeastOnce:
         return 0.0 if len(self.pipeline) else None
 
     def submit(self, outcome: BatchOutcome, producer, consumer) -> None:
-        self.pipeline.add(outcome, _send(producer, outcome, self.output_topic, self.dlq_topic))
+        self.pipeline.add(outcome, _send(producer, outcome, self.topics))
 
     def settle(self, producer, consumer, wait: Wait = "none") -> Settled:
         if wait == "all":
@@ -136,8 +136,7 @@ class AtLeastOnce:
 
 class ExactlyOnce:
     def __init__(self, settings: WorkerSettings, depth: int = PIPELINE_DEPTH, clock=time.monotonic):
-        self.output_topic = settings.output_topic
-        self.dlq_topic = settings.dlq_topic
+        self.topics = OutputTopics.of(settings)
         self.interval_s = settings.commit_interval_ms / 1000
         self.max_records = depth * settings.max_batch_size
         self.clock = clock
@@ -171,7 +170,7 @@ class ExactlyOnce:
             self._open, self._opened_at = True, self.clock()
         self._batches.append((outcome, time.perf_counter()))
         self._records += len(outcome.records)
-        self._futures += _send(producer, outcome, self.output_topic, self.dlq_topic)
+        self._futures += _send(producer, outcome, self.topics)
 
     def settle(self, producer, consumer, wait: Wait = "none") -> Settled:
         if not self._batches:
@@ -225,9 +224,28 @@ def rewind(consumer: KafkaConsumer, firsts: dict[TopicPartition, int]) -> None:
             consumer.seek(tp, offset)
 
 
-def _send(producer: KafkaProducer, outcome: BatchOutcome, output_topic: str, dlq_topic: str):
-    futures = [producer.send(output_topic, key=k, value=v, headers=h) for k, v, h in outcome.events]
-    futures += [producer.send(dlq_topic, key=k, value=v, headers=h) for k, v, h in outcome.dlq]
+@dataclass(frozen=True, slots=True)
+class OutputTopics:
+    output: str
+    dlq: str
+    incidents: str | None  # None: incidents are off
+
+    @classmethod
+    def of(cls, settings: WorkerSettings) -> OutputTopics:
+        incidents = settings.incident_topic if settings.incidents_on else None
+        return cls(settings.output_topic, settings.dlq_topic, incidents)
+
+
+def _send(producer: KafkaProducer, outcome: BatchOutcome, topics: OutputTopics):
+    futures = [
+        producer.send(topics.output, key=k, value=v, headers=h) for k, v, h in outcome.events
+    ]
+    futures += [producer.send(topics.dlq, key=k, value=v, headers=h) for k, v, h in outcome.dlq]
+    if topics.incidents is not None:
+        futures += [
+            producer.send(topics.incidents, key=k, value=v, headers=h)
+            for k, v, h in outcome.incidents
+        ]
     return futures
 
 

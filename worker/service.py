@@ -8,7 +8,9 @@ acknowledged, in order (at-least-once), or inside the same transaction
 
 from __future__ import annotations
 
+import socket
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -23,6 +25,7 @@ from worker.bounds import RunBounds
 from worker.clients import KafkaClients, open_clients
 from worker.codec import Codec
 from worker.delivery import Settled, delivery_for, rewind
+from worker.drift import DriftMonitor
 from worker.health import Health, HealthServer, broker_silence
 from worker.metrics import WorkerMetrics
 from worker.reload import CheckpointWatcher
@@ -115,7 +118,23 @@ class Worker:
             top_k=settings.top_features,
         )
         self.health.components_alive = lambda: self.watcher.alive
+        self.drift = (
+            DriftMonitor(
+                settings.drift_window,
+                settings.drift_level,
+                settings.drift_resolve_level,
+                settings.drift_max_anomaly_share,
+                top_features=settings.top_features,
+                instance=settings.transactional_id or socket.gethostname(),
+            )
+            if settings.drift_window
+            else None
+        )
         self._open_clients = open_clients
+        # Batches carrying incidents, until delivered; a rewind carries their incidents
+        # over to the next batch (the monitor does not announce a transition twice).
+        self._incidents_in_flight: list[BatchOutcome] = []
+        self._incidents_carried: list = []
         self._stop = threading.Event()
         self._server: HealthServer | None = None
 
@@ -222,6 +241,8 @@ class Worker:
         self.metrics.set_model(scorer.version)
         structlog.contextvars.bind_contextvars(model_version=scorer.version)  # on every log line
         self.summary.versions.append(scorer.version)
+        if self.drift is not None:
+            self.drift.model_changed(scorer.manifest)
         if previous:
             self.summary.reloads += 1
             self.metrics.reloads.labels(result="swapped", reason="").inc()
@@ -317,6 +338,7 @@ class Worker:
         if not records:
             return True
         outcome = score_records(records, self.codec, self.scorer, self.settings.emit == "all")
+        self._observe(outcome)
         if not self._settle(wait="room", unsent=records):
             return False
         try:
@@ -325,6 +347,38 @@ class Worker:
             self._rewind(e, unsent=records)
             return False
         return True
+
+    def _observe(self, outcome: BatchOutcome) -> None:
+        """What watches the serving model's results (drift) sees the batch; a drift
+        incident that opens or resolves goes out with the batch's outputs."""
+        scored, outcome.scored = outcome.scored, None  # not kept while in flight
+        outcome.incidents += self._incidents_carried
+        self._incidents_carried = []
+        if scored is not None and self.drift is not None:
+            self._watch_drift(outcome, scored)
+        if outcome.incidents:
+            self._incidents_in_flight.append(outcome)
+
+    def _watch_drift(self, outcome: BatchOutcome, scored) -> None:
+        topic = self.settings.input_topic
+        now_ms = int(time.time() * 1000)
+        for t in self.drift.observe(topic, scored.scores.p_values, scored.vectors, now_ms):
+            self.metrics.drift_incidents.labels(topic=t.topic, status=t.status).inc()
+            log.warning(
+                "drift_opened" if t.status == "open" else "drift_resolved",
+                topic=t.topic,
+                incident_id=t.incident_id,
+                statistic=round(self.drift.topics[topic].statistic, 2),
+                anomaly_share=round(self.drift.topics[topic].anomaly_share, 4),
+                features=self.drift.moved_features(self.drift.topics[topic]),
+            )
+            if self.settings.incidents_on:
+                outcome.incidents.append(t.output)
+        state = self.drift.topics[topic]
+        if state.tested:
+            self.metrics.drift_statistic.labels(topic=topic).set(state.statistic)
+            self.metrics.drift_anomaly_share.labels(topic=topic).set(state.anomaly_share)
+        self.metrics.drift_open.labels(topic=topic).set(1 if state.open else 0)
 
     def _settle(self, wait: str = "none", unsent: list | None = None) -> bool:
         """Count and commit what finished delivering; on a failure, rewind.
@@ -347,6 +401,9 @@ class Worker:
         self.summary.publish_failures += 1
         self.metrics.publish_failures.inc()
         dropped = self.delivery.abandon(self.clients.producer) + unsent + self.batcher.clear()
+        for outcome in self._incidents_in_flight:
+            self._incidents_carried += outcome.incidents
+        self._incidents_in_flight = []
         firsts = first_offsets(dropped)
         log.error(
             "publish_failed",
@@ -367,6 +424,8 @@ class Worker:
                 lag[tp] = max(0, high - om.offset)
         self.summary.add(outcome)
         self.metrics.observe(outcome, publish_s, lag)
+        if outcome.incidents:
+            self._incidents_in_flight = [o for o in self._incidents_in_flight if o is not outcome]
         if self.scorer.device.type == "cuda":
             self.metrics.gpu_memory.set(torch.cuda.memory_allocated(self.scorer.device))
         log.debug(

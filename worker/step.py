@@ -15,9 +15,18 @@ from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from worker.codec import Codec, Rejected
 from worker.events import build_events, dlq_record
-from worker.scoring import Scorer
+from worker.scoring import BatchScores, Scorer
 
 Output = tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]  # key, value, headers
+
+
+@dataclass(frozen=True, slots=True)
+class Scored:
+    """A batch's valid rows and the serving model's results for them, for the loop's
+    observers (drift, shadow); dropped before the outcome is delivered."""
+
+    vectors: np.ndarray  # float32 [B, D], input units
+    scores: BatchScores
 
 
 @dataclass(slots=True)
@@ -32,6 +41,8 @@ class BatchOutcome:
     anomalies: int = 0
     rejected: list[Rejected] = field(default_factory=list)
     compute_s: float = 0.0  # decode + score + build
+    incidents: list[Output] = field(default_factory=list)  # for WORKER_INCIDENT_TOPIC
+    scored: Scored | None = None
 
 
 def score_records(
@@ -40,12 +51,13 @@ def score_records(
     """Decode, score and turn one batch of consumer records into its outputs."""
     t0 = time.perf_counter()
     decoded = codec.decode(records)
-    events, anomalies = [], 0
+    events, anomalies, scored = [], 0, None
     if len(decoded):
         scores = scorer.score_batch(decoded.rows, explain="all" if emit_all else "anomalies")
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
         events = build_events(decoded, scores, scorer, emit_all, now_ms)
         anomalies = int(scores.is_anomaly.sum())
+        scored = Scored(decoded.rows, scores)
     return BatchOutcome(
         records=records,
         events=events,
@@ -55,6 +67,7 @@ def score_records(
         anomalies=anomalies,
         rejected=list(decoded.rejected),
         compute_s=time.perf_counter() - t0,
+        scored=scored,
     )
 
 

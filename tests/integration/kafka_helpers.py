@@ -43,14 +43,17 @@ def create_topics(bootstrap: str, names: list[str], partitions: int = 3) -> None
 
 
 def new_topics(bootstrap: str, partitions: int = 3) -> dict[str, str]:
-    """Fresh input, output and DLQ topics (created) and a fresh group name."""
+    """Fresh input, output, DLQ and incident topics (created) and a fresh group name."""
     t = {
         "input": unique("features"),
         "output": unique("anomalies"),
         "dlq": unique("dlq"),
+        "incidents": unique("incidents"),
         "group": unique("group"),
     }
-    create_topics(bootstrap, [t["input"], t["output"], t["dlq"]], partitions=partitions)
+    create_topics(
+        bootstrap, [t["input"], t["output"], t["dlq"], t["incidents"]], partitions=partitions
+    )
     return t
 
 
@@ -154,6 +157,7 @@ def worker_settings(bootstrap: str, topics: dict, model_dir: Path, **kw) -> Work
         input_topic=topics["input"],
         output_topic=topics["output"],
         dlq_topic=topics["dlq"],
+        incident_topic=topics.get("incidents", "none"),
         group_id=topics["group"],
         model_dir=model_dir,
         metrics_port=0,
@@ -172,6 +176,7 @@ def worker_env(bootstrap: str, topics: dict, model_dir: Path, **extra) -> dict:
         WORKER_INPUT_TOPIC=topics["input"],
         WORKER_OUTPUT_TOPIC=topics["output"],
         WORKER_DLQ_TOPIC=topics["dlq"],
+        WORKER_INCIDENT_TOPIC=topics.get("incidents", "none"),
         WORKER_GROUP_ID=topics["group"],
         WORKER_MODEL_DIR=str(model_dir),
         WORKER_METRICS_PORT="0",
