@@ -31,6 +31,7 @@ from worker.metrics import WorkerMetrics
 from worker.reload import CheckpointWatcher
 from worker.scoring import Scorer, resolve_device
 from worker.settings import WorkerSettings
+from worker.shadow import Rollout, Verdict
 from worker.step import BatchOutcome, first_offsets, score_records
 
 log = structlog.get_logger("worker")
@@ -118,6 +119,10 @@ class Worker:
             top_k=settings.top_features,
         )
         self.health.components_alive = lambda: self.watcher.alive
+        self.rollout = Rollout(
+            settings.shadow_records, settings.shadow_max_rate_factor, self.metrics
+        )
+        self.health.shadow_request = self.rollout.request
         self.drift = (
             DriftMonitor(
                 settings.drift_window,
@@ -160,7 +165,9 @@ class Worker:
     def _start(self) -> bool:
         s = self.settings
         if s.metrics_port:
-            self._server = HealthServer(self.health, s.metrics_host, s.metrics_port).start()
+            self._server = HealthServer(
+                self.health, s.metrics_host, s.metrics_port, admin_token=s.admin_token
+            ).start()
         self.health.set_ready(False, "waiting for a model")
         scorer = self.watcher.wait_for_first(s.wait_for_model_s, self._stop, self.health.beat)
         if scorer is None:
@@ -250,6 +257,39 @@ class Worker:
             "model_serving", version=scorer.version, previous=previous, device=str(self.device)
         )
 
+    def _next_model(self) -> Scorer | None:
+        """The model to swap in now, if any: a new checkpoint from the watcher (at once,
+        or once its shadow run promotes it: worker/shadow.py)."""
+        pending = self.watcher.take()
+        if pending is not None:
+            pending = self.rollout.offer(pending, self.scorer)
+        decided = self.rollout.decide()
+        if decided is None:
+            return pending
+        candidate, verdict = decided
+        return self._apply_verdict(candidate, verdict) or pending
+
+    def _apply_verdict(self, candidate: Scorer, verdict: Verdict) -> Scorer | None:
+        if verdict.promote:
+            log.info(
+                "shadow_promoted",
+                version=candidate.version,
+                by=verdict.decided_by,
+                detail=verdict.detail,
+            )
+            return candidate
+        self.watcher.refused[candidate.version] = verdict.reason
+        self.metrics.reloads.labels(result="refused", reason=verdict.reason).inc()
+        log.error(
+            "model_refused",
+            version=candidate.version,
+            reason=verdict.reason,
+            detail=verdict.detail,
+            by=verdict.decided_by,
+            action="keeping the serving model",
+        )
+        return None
+
     def partitions_changed(self, held: set, assigned: set | None = None) -> None:
         """The rebalance listener reports the partitions held now (and, on an
         assignment, what the group gave: the idle clock restarts)."""
@@ -287,7 +327,7 @@ class Worker:
             if self.clients is None:
                 self._connect()
                 continue
-            pending = self.watcher.take()
+            pending = self._next_model()
             if pending is not None:
                 self.flush(reason="model swap")  # the batch in hand is scored by the model it met
                 self._serve(pending)
@@ -349,11 +389,14 @@ class Worker:
         return True
 
     def _observe(self, outcome: BatchOutcome) -> None:
-        """What watches the serving model's results (drift) sees the batch; a drift
-        incident that opens or resolves goes out with the batch's outputs."""
+        """What watches the serving model's results sees the batch: the candidate in
+        shadow scores it too, and a drift incident that opens or resolves goes out with
+        the batch's outputs."""
         scored, outcome.scored = outcome.scored, None  # not kept while in flight
         outcome.incidents += self._incidents_carried
         self._incidents_carried = []
+        if scored is not None:
+            self.rollout.observe(scored.vectors, scored.scores, outcome.compute_s)
         if scored is not None and self.drift is not None:
             self._watch_drift(outcome, scored)
         if outcome.incidents:
