@@ -222,7 +222,12 @@ def test_topic_init_creates_the_worker_topics(compose, monkeypatch):
     init = compose["services"]["kafka-init"]
     args = __import__("deploy.init_topics", fromlist=["parse_args"]).parse_args(init["command"][1:])
     worker = build_settings(monkeypatch, WorkerSettings, env_of(compose["services"]["worker"]))
-    assert set(args.topics) == {worker.input_topic, worker.output_topic, worker.dlq_topic}
+    assert set(args.topics) == {
+        worker.input_topic,
+        worker.output_topic,
+        worker.dlq_topic,
+        worker.incident_topic,  # the broker does not create topics on demand
+    }
     assert args.partitions == 6, "default PARTITIONS"
     assert "${PARTITIONS:-" in COMPOSE_FILE.read_text()
     assert init["depends_on"]["kafka"]["condition"] == "service_healthy"
@@ -245,6 +250,8 @@ def test_trainer_retrains_from_the_stream_into_the_shared_volume(compose, monkey
     svc = compose["services"]["trainer"]
     settings = build_settings(monkeypatch, TrainerSettings, env_of(svc), svc["command"][1:])
     assert settings.from_kafka and settings.every_seconds
+    worker = build_settings(monkeypatch, WorkerSettings, env_of(compose["services"]["worker"]))
+    assert settings.incident_topic == worker.incident_topic  # retrains on the workers' drift
 
     def mount_of(svc: dict) -> dict[str, str]:
         return {v.split(":")[1]: v.split(":")[0] for v in svc["volumes"]}
