@@ -116,6 +116,8 @@ class TopicDrift:
     opened_at_ms: int | None = None
     quiet_tests: int = 0
     opened: int = 0  # incidents opened on this topic
+    tests: int = 0  # windows tested, under every model
+    max_abs_statistic: float = 0.0  # the largest finite |T| of them
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,7 +213,10 @@ class DriftMonitor:
         else:  # every row anomalous
             state.mean_p, state.statistic = float("nan"), -math.inf
         state.tested = True
+        state.tests += 1
         magnitude = abs(state.statistic)
+        if math.isfinite(magnitude):
+            state.max_abs_statistic = max(state.max_abs_statistic, magnitude)
         overrun = state.anomaly_share > self.max_anomaly_share
         if not state.open:
             if magnitude < self.level and not overrun:
@@ -227,6 +232,18 @@ class DriftMonitor:
         transition = self._transition(topic, state, "resolved", now_ms)
         state.open, state.incident_id, state.opened_at_ms = False, None, None
         return transition
+
+    def summary(self) -> dict:
+        """Per topic: windows tested, the largest |T|, incidents opened, open now."""
+        return {
+            topic: {
+                "tests": s.tests,
+                "max_abs_statistic": round(s.max_abs_statistic, 2),
+                "opened": s.opened,
+                "open": s.open,
+            }
+            for topic, s in self.topics.items()
+        }
 
     def moved_features(self, state: TopicDrift) -> list[dict]:
         """The window's features furthest from the scaler's center, in scale units."""

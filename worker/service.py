@@ -237,6 +237,7 @@ class Worker:
             "worker_stopped",
             **asdict(self.summary),
             model_version=self.scorer.version if self.scorer else None,
+            drift=self.drift.summary() if self.drift is not None else None,
         )
 
     # -- model and partitions (the loop thread, and the rebalance listener inside poll) --
