@@ -170,7 +170,7 @@ def train_and_publish(
 def run_from_kafka(settings: TrainerSettings, config: TrainConfig, interactive: bool) -> int:
     """One retraining cycle from the input topic, or one every --every-seconds until
     SIGTERM; with --incident-topic also one when a drift incident opens (after
-    --drift-delay-seconds, on the records since it opened; at most one per
+    --drift-delay-seconds, on every record since it opened; at most one per
     --drift-min-interval-seconds)."""
     from kafka.errors import KafkaError
 
@@ -292,7 +292,11 @@ def kafka_cycle(
         settings.max_seconds,
         since_ms=since_ms,
     )
-    snap = snapshot_rows(records, live)
+    # After drift the live model is the one that no longer fits: what it flags is mostly
+    # the new operating point's tail, and leaving that out would truncate the new model's
+    # calibration (its live anomaly rate then overshoots the target and shadow refuses
+    # it). A drift retrain keeps every row; the live model still names the features.
+    snap = snapshot_rows(records, live, leave_out_anomalies=since_ms is None)
     log.info(
         "snapshot",
         topic=settings.input_topic,

@@ -122,12 +122,14 @@ def read_snapshot(
         consumer.close()
 
 
-def snapshot_rows(records: list, live: Scorer | None) -> Snapshot:
+def snapshot_rows(records: list, live: Scorer | None, leave_out_anomalies: bool = True) -> Snapshot:
+    """The snapshot's valid rows, decoded for the live model's features; without the
+    rows the live model calls anomalous unless `leave_out_anomalies` is False."""
     names = live.feature_names if live else _infer_feature_names(records)
     decoded = Codec(names).decode(records)
     rows = decoded.rows
     excluded = 0
-    if live is not None and len(rows):
+    if live is not None and leave_out_anomalies and len(rows):
         keep = ~np.concatenate(
             [live.score_batch(rows[i : i + 65536]).is_anomaly for i in range(0, len(rows), 65536)]
         )

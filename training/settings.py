@@ -227,8 +227,8 @@ FLAGS: dict[str, list[tuple[str, str, str]]] = {
         (
             "--drift-delay-seconds",
             "S",
-            "a drift retrain waits S seconds after the incident opened and trains on the "
-            "records since then only {default}",
+            "a drift retrain waits S seconds after the incident opened and trains on every "
+            "record since then (the live model's anomalies kept: it no longer fits) {default}",
         ),
         (
             "--drift-min-interval-seconds",

@@ -5,18 +5,28 @@ record is scored and committed."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
+import time
 
 import numpy as np
 import orjson
+import pytest
 
 from tests.integration.conftest import DIM, FEATURES
 from tests.integration.kafka_helpers import (
+    ROOT,
     committed_offsets,
     events_of,
+    log_events,
     producer,
     read_topic,
+    start_worker,
+    stop_worker,
     wait_for,
+    worker_env,
     worker_settings,
 )
 from tests.support import normal_rows
@@ -136,3 +146,128 @@ def test_shadow_refuses_a_candidate_trained_on_anomalies_and_promotes_a_good_one
     assert 0 < worker.metrics.shadow_cost_ratio._value.get() < 10  # measured (timing: loose)
     assert worker.metrics.shadow_rank_correlation._value.get() > 0.5
     assert worker.metrics.shadow_records._value.get() >= 2000
+
+
+class ShiftingStream(threading.Thread):
+    """JSON records at `rate`/s: normal rows, then (once `shift` is set) the same rows
+    with sensors 1 and 6 moved by `delta`: a new operating point. `sent` holds the
+    acknowledged ids; `shifted_from` the index of the first shifted record."""
+
+    def __init__(self, bootstrap: str, topic: str, rate: float, delta: float):
+        super().__init__(daemon=True)
+        self.bootstrap, self.topic, self.rate, self.delta = bootstrap, topic, rate, delta
+        self.shift, self.halt = threading.Event(), threading.Event()
+        self.sent: set[str] = set()
+        self.shifted_from: int | None = None
+        self._lock = threading.Lock()
+
+    def run(self) -> None:
+        p = producer(self.bootstrap, linger_ms=50)
+        rows = normal_rows(20_000, seed=51, dim=DIM)
+        start, i = time.monotonic(), 0
+        while not self.halt.is_set():
+            row = rows[i % len(rows)].copy()
+            if self.shift.is_set():
+                if self.shifted_from is None:
+                    self.shifted_from = i
+                row[[1, 6]] += self.delta
+            ident = f"r{i}"
+            p.send(self.topic, key=f"k{i % 7}".encode(), value=codec.encode_json(row, id=ident))
+            with self._lock:
+                self.sent.add(ident)
+            i += 1
+            ahead = i / self.rate - (time.monotonic() - start)
+            if ahead > 0:
+                self.halt.wait(ahead)
+        p.flush()
+        p.close()
+
+
+@pytest.mark.soak  # about two minutes: the whole loop, on top of the parts tested above
+@pytest.mark.timeout(600)
+def test_drift_retrain_shadow_promote_resolve_without_losing_a_record(
+    broker, topics, model_dir, tmp_path
+):
+    """A stream that moves to a new operating point: the drift incident opens, the
+    trainer retrains on the records since, the candidate passes shadow and serves, the
+    incident resolves, the new model's false-alarm rate is within 2× its target, and
+    every record got its decision."""
+    wlog, tlog = tmp_path / "worker.log", tmp_path / "trainer.log"
+    env = worker_env(
+        broker.bootstrap, topics, model_dir, WORKER_EMIT="all", WORKER_SHADOW_RECORDS="2000"
+    )
+    worker = start_worker(env, wlog)
+    tenv = {k: v for k, v in os.environ.items() if not k.startswith(("TRAINER_", "KAFKA_"))}
+    tenv.update(KAFKA_BOOTSTRAP_SERVERS=broker.bootstrap, TRAINER_INPUT_TOPIC=topics["input"])
+    flags = ["--out", str(model_dir), "--max-seconds", "30", "--max-records", "4000"]
+    flags += ["--epochs", "25", "--every-seconds", "3600", "--keep", "10"]
+    flags += ["--incident-topic", topics["incidents"], "--drift-delay-seconds", "8"]
+    with open(tlog, "wb") as sink:
+        trainer = subprocess.Popen(
+            [sys.executable, "-m", "training", "--from-kafka", *flags],
+            env=tenv,
+            cwd=ROOT,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+    stream = ShiftingStream(broker.bootstrap, topics["input"], rate=400, delta=1.5)
+
+    def seen(event: str, after: str | None = None) -> list[dict]:
+        """The worker's `event` log lines (only those after the first `after` line)."""
+        lines = log_events(wlog)
+        if after is not None:
+            first = next((i for i, e in enumerate(lines) if e.get("event") == after), len(lines))
+            lines = lines[first:]
+        return [e for e in lines if e.get("event") == event]
+
+    try:
+        # the trainer's first cycle (at once) finds nothing to train on; then only drift
+        wait_for(
+            lambda: "retraining cycle skipped" in tlog.read_text(), 120, 0.5, "trainer up", trainer
+        )
+        stream.start()
+        wait_for(lambda: len(stream.sent) >= 4000, 60, 0.5, "the normal phase", worker)
+        assert seen("drift_opened") == []
+        stream.shift.set()
+        opened = wait_for(lambda: seen("drift_opened"), 60, 0.5, "drift opened", worker)
+        promoted = wait_for(
+            lambda: seen("shadow_promoted", after="drift_opened"), 180, 0.5, "retrained", worker
+        )
+        wait_for(lambda: seen("drift_resolved"), 120, 0.5, "drift resolved", worker)
+        stream.halt.set()
+        stream.join(30)
+        expected = set(stream.sent)
+        wait_for(
+            lambda: (
+                sum(committed_offsets(broker.bootstrap, topics["group"], topics["input"]).values())
+                >= len(expected)
+            ),
+            120,
+            0.5,
+            "every record committed",
+            worker,
+        )
+        assert stop_worker(worker) == 0
+        assert stop_worker(trainer) == 0
+    finally:
+        stream.halt.set()
+        for proc in (worker, trainer):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    events = events_of(
+        read_topic(broker.bootstrap, topics["output"], expect=len(expected), timeout_s=120)
+    )
+    assert {e["id"] for e in events} >= expected  # none lost (duplicates allowed: at-least-once)
+    new = promoted[0]["version"]
+    after = [e for e in events if e["model"]["version"] == new]
+    rate = sum(e["is_anomaly"] for e in after) / len(after)
+    assert len(after) >= 2000 and rate <= 2 * 0.01, (len(after), rate)
+    incidents = [
+        orjson.loads(r.value) for r in read_topic(broker.bootstrap, topics["incidents"], quiet_s=1)
+    ]
+    assert [(i["status"], i["incident_id"]) for i in incidents] == [
+        ("open", opened[0]["incident_id"]),
+        ("resolved", opened[0]["incident_id"]),
+    ]
+    assert incidents[1]["model_version"] == new

@@ -194,4 +194,5 @@ def test_a_drift_incident_retrains_on_the_records_since_it_opened(broker, topics
     snapshots = [orjson.loads(line) for line in text.splitlines() if '"snapshot"' in line]
     assert [s.get("since_ms") for s in snapshots] == [None, t0 + 9_000], text[-3000:]
     assert snapshots[1]["records"] == 800  # only the records after the opening
+    assert snapshots[1]["rows"] == 800  # all of them: the live model no longer fits
     assert v2 in text.split()
