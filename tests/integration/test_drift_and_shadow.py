@@ -199,9 +199,10 @@ def test_drift_retrain_shadow_promote_resolve_without_losing_a_record(
     worker = start_worker(env, wlog)
     tenv = {k: v for k, v in os.environ.items() if not k.startswith(("TRAINER_", "KAFKA_"))}
     tenv.update(KAFKA_BOOTSTRAP_SERVERS=broker.bootstrap, TRAINER_INPUT_TOPIC=topics["input"])
-    flags = ["--out", str(model_dir), "--max-seconds", "30", "--max-records", "4000"]
+    flags = ["--out", str(model_dir), "--max-seconds", "30", "--max-records", "8000"]
     flags += ["--epochs", "25", "--every-seconds", "3600", "--keep", "10"]
-    flags += ["--incident-topic", topics["incidents"], "--drift-delay-seconds", "8"]
+    # 15 s at 400/s: ~6 000 rows since the opening, ~1 500 held out for the threshold
+    flags += ["--incident-topic", topics["incidents"], "--drift-delay-seconds", "15"]
     with open(tlog, "wb") as sink:
         trainer = subprocess.Popen(
             [sys.executable, "-m", "training", "--from-kafka", *flags],
