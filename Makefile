@@ -6,10 +6,10 @@ STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.13.0
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: help venv test test-all soak lint bench bench-gpu eval demo clean
+.PHONY: help venv test test-all soak lint bench bench-gpu gpu-wheels eval demo clean
 
 help:
-	@echo "make demo | test | soak | lint | bench | bench-gpu | eval | clean"
+	@echo "make demo | test | soak | lint | bench | bench-gpu | gpu-wheels | eval | clean"
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,13 @@ bench: $(STAMP)
 
 bench-gpu: $(STAMP)
 	$(PY) -m tests.bench.gpu
+
+# Wheels (CPython 3.12, manylinux x86_64) of what a lent GPU machine's Python lacks, into
+# build/gpu-wheels, for tests/bench/gpu_device.sh run there (docs/benchmarks.md). It only
+# reads the venv's versions: an existing venv is not reinstalled first.
+gpu-wheels:
+	test -x $(PY) || $(MAKE) venv
+	PY=$(PY) bash tests/bench/gpu_device.sh wheels
 
 eval: $(STAMP)
 	$(PY) -m training.evaluate

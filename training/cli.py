@@ -41,6 +41,9 @@ from worker.logs import configure_logging
 from worker.scoring import Scorer, load_scorer
 
 EXIT_USAGE = 2
+EXIT_FAILED = 1
+# How long the model topic may take to connect and acknowledge a version.
+TOPIC_TIMEOUT_S = 60.0
 LOG_EVERY_EPOCHS = 10
 SCORE_CHUNK_ROWS = 65_536
 
@@ -49,6 +52,11 @@ log = structlog.get_logger("training")
 
 class UsageError(Exception):
     """A mistake in the command line, settings or paths; the message is one line."""
+
+
+class TopicPublishError(Exception):
+    """The model topic did not take a version (broker away, record too large); the
+    version was not published anywhere. The message is one line."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except TopicPublishError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         print("error: interrupted; nothing was published", file=sys.stderr)
         return 130
@@ -139,12 +150,16 @@ def train_and_publish(
             return None
 
     verified: list[Scorer] = []
+
+    def verify(version_dir: Path) -> None:
+        """Before LATEST moves: the worker's own checks, then the model topic (a
+        version the topic did not take is not published at all)."""
+        verified.append(load_scorer(version_dir))
+        if settings.model_topic:
+            publish_to_topic(settings, version_dir)
+
     version = publish(
-        settings.out,
-        result.model,
-        result.manifest,
-        keep=settings.keep,
-        verify=lambda version_dir: verified.append(load_scorer(version_dir)),
+        settings.out, result.model, result.manifest, keep=settings.keep, verify=verify
     )
     scorer = verified[0]
     result.manifest = scorer.manifest  # as published: version, created_at, sha256
@@ -167,6 +182,27 @@ def train_and_publish(
     return version
 
 
+def publish_to_topic(settings: TrainerSettings, version_dir: Path) -> None:
+    from kafka.errors import KafkaError
+
+    from worker.model_topic import publish_version
+
+    try:
+        publish_version(
+            settings.kafka,
+            settings.model_topic,
+            version_dir,
+            settings.model_chunk_bytes,
+            keep=settings.keep,
+            timeout_s=TOPIC_TIMEOUT_S,
+        )
+    except KafkaError as e:
+        raise TopicPublishError(
+            f"publishing {version_dir.name} to topic {settings.model_topic!r}: "
+            f"{str(e) or type(e).__name__}; nothing was published"
+        ) from None
+
+
 def run_from_kafka(settings: TrainerSettings, config: TrainConfig, interactive: bool) -> int:
     """One retraining cycle from the input topic, or one every --every-seconds until
     SIGTERM; with --incident-topic also one when a drift incident opens (after
@@ -176,11 +212,13 @@ def run_from_kafka(settings: TrainerSettings, config: TrainConfig, interactive: 
 
     from training.from_kafka import DriftIncidents, SnapshotError
 
-    failures = (SnapshotError, DataError, KafkaError, OSError)
+    # Periodic mode logs a failed cycle and goes on (a model-topic publication too);
+    # one cycle ends in one line, or TopicPublishError's own.
+    failures = (SnapshotError, DataError, KafkaError, OSError, TopicPublishError)
     if settings.every_seconds is None:
         try:
             version = kafka_cycle(settings, config, interactive)
-        except failures as e:
+        except (SnapshotError, DataError, KafkaError, OSError) as e:
             raise UsageError(f"retraining from {settings.input_topic!r}: {e}") from None
         if version:
             print(version, flush=True)

@@ -49,6 +49,10 @@ class TrainerSettings(BaseSettings):
     out: Path = Path("./models")
     keep: int = Field(default=5, ge=1)
     report_dir: Path | None = None  # None: OUT/.reports/VERSION
+    # Also publish each verified version to this compacted topic (empty: the directory
+    # only), in chunks of at most this many bytes (below the broker's message.max.bytes).
+    model_topic: str = ""
+    model_chunk_bytes: int = Field(default=512 * 1024, ge=1024, le=64 * 1024 * 1024)
     label_column: str | None = None  # None: 'label' if present
     id_column: str | None = None  # None: 'id' if present
 
@@ -180,6 +184,18 @@ FLAGS: dict[str, list[tuple[str, str, str]]] = {
             "and used for the report (default: 'label' if present)",
         ),
         ("--id-column", "NAME", "column of row ids (default: 'id' if present)"),
+        (
+            "--model-topic",
+            "TOPIC",
+            "also publish each verified version to this compacted topic, the workers' "
+            "WORKER_MODEL_TOPIC (default: the directory only)",
+        ),
+        (
+            "--model-chunk-bytes",
+            "N",
+            "largest chunk of a version on the model topic; keep it below the broker's "
+            "message.max.bytes {default}",
+        ),
     ],
     "model and training": [
         ("--target-fpr", "FPR", "false-positive rate the threshold targets {default}"),

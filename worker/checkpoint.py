@@ -47,6 +47,11 @@ class CheckpointMissing(CheckpointError):
     pass
 
 
+class IncompleteUpload(CheckpointError):
+    """A version's commit record arrived on the model topic but its chunks are missing
+    (an interrupted, torn upload)."""
+
+
 class ManifestInvalid(CheckpointError):
     pass
 

@@ -8,7 +8,10 @@
   it or of any later batch is committed.
 * **exactly-once**: the outputs and offsets of the micro-batches of one commit
   interval (`WORKER_COMMIT_INTERVAL_MS`, at most `PIPELINE_DEPTH` batches' worth of
-  records) go in one Kafka transaction; a failure aborts it.
+  records) go in one Kafka transaction; a failure aborts it. The commit's last part
+  (flushing the outputs, ending the transaction) runs while the worker polls and
+  scores the next batch; nothing is sent before it has ended, so transactions never
+  overlap and the next one begins only after this one committed.
 
 A failure is reported in `Settled.error`; the worker then calls `abandon`, which
 hands back every record not committed, and rewinds its consumer to the first of
@@ -149,6 +152,8 @@ class ExactlyOnce:
         self._batches: list[tuple[BatchOutcome, float]] = []  # in the open transaction
         self._futures: list = []
         self._records = 0
+        self._committing = None  # the commit in flight: its result, to wait on
+        self._committed: list[Finished] = []  # committed, not yet reported by settle
 
     def producer_options(self) -> dict:
         return {"transactional_id": self.transactional_id, "enable_idempotence": True}
@@ -160,11 +165,15 @@ class ExactlyOnce:
         return self._records
 
     def due_in_s(self) -> float | None:
+        if self._committing is not None or self._committed:
+            return 0.0
         if not self._batches:
             return None
         return max(0.0, self._opened_at + self.interval_s - self.clock())
 
     def submit(self, outcome: BatchOutcome, producer, consumer) -> None:
+        if self._committing is not None:  # the worker settles (wait="room") before it submits
+            raise RuntimeError("submit while a transaction commits")
         if not self._open:
             producer.begin_transaction()
             self._open, self._opened_at = True, self.clock()
@@ -173,6 +182,13 @@ class ExactlyOnce:
         self._futures += _send(producer, outcome, self.topics)
 
     def settle(self, producer, consumer, wait: Wait = "none") -> Settled:
+        if self._committing is not None:
+            if wait == "none" and not self._committing.is_done:
+                return Settled()  # still committing: the loop polls and scores meanwhile
+            return self._end_commit(producer)
+        if self._committed:
+            finished, self._committed = self._committed, []
+            return Settled(finished)
         if not self._batches:
             return Settled()
         due = (
@@ -185,7 +201,20 @@ class ExactlyOnce:
         outcomes = [o for o, _ in self._batches]
         try:
             producer.send_offsets_to_transaction(merge_offsets(outcomes), consumer.group_metadata())
-            producer.commit_transaction()  # flushes, then commits outputs and offsets atomically
+            # flushes, then commits outputs and offsets atomically
+            self._committing = _begin_commit(producer)
+        except (KafkaError, PublishError) as e:
+            self._abort(producer)
+            return Settled(error=e)
+        if wait == "none" and not self._committing.is_done:
+            return Settled()  # the loop polls and scores the next batch meanwhile
+        return self._end_commit(producer)
+
+    def _end_commit(self, producer) -> Settled:
+        """Wait for the commit in flight; its batches finished, or its error (aborted)."""
+        committing, self._committing = self._committing, None
+        try:
+            committing.wait()  # raises the commit's error
             self._open = False
             _check_acknowledged(self._futures)
         except (KafkaError, PublishError) as e:
@@ -197,6 +226,9 @@ class ExactlyOnce:
         return Settled(finished)
 
     def abandon(self, producer) -> list:
+        if self._committing is not None:  # committed records must not be read again
+            settled = self._end_commit(producer)
+            self._committed += settled.finished
         self._abort(producer)
         records = [r for o, _ in self._batches for r in o.records]
         self._batches, self._futures, self._records = [], [], 0
@@ -210,6 +242,30 @@ class ExactlyOnce:
             producer.abort_transaction()
         except Exception as e:
             log.warning("abort_transaction_failed", error=str(e))
+
+
+class _Committed:
+    """The result of a commit that already ended."""
+
+    is_done = True
+
+    def wait(self) -> None:
+        pass
+
+
+def _begin_commit(producer: KafkaProducer):
+    """Start committing the open transaction; returns what to wait on (`is_done`,
+    `wait()` raising the commit's error). KafkaProducer.commit_transaction() starts
+    the commit, wakes its sender thread and waits; this does the first two and leaves
+    the wait to the caller. A client without those parts commits here, blocking."""
+    manager = getattr(producer, "_transaction_manager", None)
+    sender = getattr(producer, "_sender", None)
+    if manager is None or sender is None or not hasattr(manager, "begin_commit"):
+        producer.commit_transaction()
+        return _Committed()
+    result = manager.begin_commit()
+    sender.wakeup()
+    return result
 
 
 def delivery_for(settings: WorkerSettings) -> Delivery:

@@ -14,13 +14,26 @@ it was captured with.
   [GRAPH_MIN_ROWS, max_rows] and run on that bucket's fixed buffers; on CUDA the
   forward is captured once per bucket as a CUDA graph and replayed, elsewhere it
   runs eagerly on the same buffers (how the CPU tests exercise bucketing and
-  padding). A larger batch runs eagerly; a capture the driver refuses turns the
-  static batches off and scoring goes on eagerly.
+  padding). A larger batch runs eagerly. `load_scorer` builds every bucket while it
+  checks the golden batch (in the checkpoint watcher's thread, before the swap), so
+  the loop thread never stalls on a capture.
+
+Captures: each executor captures on a side stream of its own into one memory pool
+of its own, shared by its buckets' graphs (they replay one at a time, so a later
+graph may reuse an earlier one's intermediates: a result is valid until the next
+run, as with every executor).
+Nothing of one scorer's graphs (a cuBLAS workspace, a pool block) is used by another
+scorer's, so dropping the old scorer on a hot swap cannot free memory the new
+graphs replay on. A capture that runs out of memory is retried after
+CAPTURE_RETRY_S (that bucket scores eagerly meanwhile); any other refused capture
+turns the static batches off for this executor, which goes on eagerly. Either way
+the calling thread is back on its own stream.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -36,12 +49,21 @@ Forward = Callable[[torch.Tensor, str], torch.Tensor]
 GRAPH_MIN_ROWS = 64
 GRAPH_MAX_ROWS = 1 << 18
 
+# After a capture ran out of memory, that bucket scores eagerly this long before the
+# capture is tried again.
+CAPTURE_RETRY_S = 30.0
+
 # One capture at a time in the process (the checkpoint watcher's thread captures a new
-# model's graphs while the loop thread may capture a new bucket of the serving one),
-# on one side stream per device: cuBLAS keeps a workspace per stream, so a stream per
-# scorer would grow GPU memory with every reload.
+# model's graphs while the loop thread may retry a bucket of the serving one).
 _CAPTURE_LOCK = threading.Lock()
-_CAPTURE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+class CaptureSide:
+    """One executor's side stream and graph memory pool (CUDA only)."""
+
+    def __init__(self, device: torch.device):
+        self.stream = torch.cuda.Stream(device)
+        self.pool = torch.cuda.graph_pool_handle()
 
 
 def bucket_rows(
@@ -84,6 +106,10 @@ class EagerExecutor:
         shape (never inside a CUDA graph; a device-to-host sync on CUDA), worth it on
         CPU, where explaining every row costs more than scoring it."""
         return self.device.type == "cpu"
+
+    def all_bucket_sizes(self) -> list[int]:
+        """The static batch sizes this executor can build: none (any shape runs as it comes)."""
+        return []
 
     def run(self, forward: Forward, x: torch.Tensor, explain: str) -> torch.Tensor:
         """forward over rows x (on the host or the device): the packed result on the
@@ -132,7 +158,9 @@ class StaticBatchExecutor(EagerExecutor):
         self.max_rows = max_rows
         # capture graphs: on CUDA unless told (the CPU tests force it to check the fallback)
         self.capture = self.device.type == "cuda" if capture is None else capture
-        self._batches: dict[tuple[int, bool], _StaticBatch] | None = {}
+        self._batches: dict[tuple[int, str], _StaticBatch] | None = {}
+        self._side: CaptureSide | None = None
+        self._retry_at: dict[tuple[int, str], float] = {}
 
     @property
     def explains_selectively(self) -> bool:
@@ -148,6 +176,23 @@ class StaticBatchExecutor(EagerExecutor):
         """The row counts of the static batches built so far."""
         return {rows for rows, _ in self._batches or {}}
 
+    def all_bucket_sizes(self) -> list[int]:
+        """Every bucket this executor can build, smallest first (none once static
+        batches are off)."""
+        if self._batches is None:
+            return []
+        sizes, rows = [], GRAPH_MIN_ROWS
+        while rows <= self.max_rows:
+            sizes.append(rows)
+            rows *= 2
+        return sizes
+
+    def replays_graph(self, n: int, explain: str = "all") -> bool:
+        """Whether a batch of n rows replays a captured CUDA graph (else it runs eagerly)."""
+        rows = bucket_rows(n, self.max_rows) if self._batches is not None else None
+        batch = self._batches.get((rows, explain)) if rows is not None else None
+        return batch is not None and batch.graph is not None
+
     def _fetch(self, packed: torch.Tensor) -> np.ndarray:
         host = super()._fetch(packed)
         # off CUDA that is a view of a static batch's result buffer, reused by the next run
@@ -157,21 +202,49 @@ class StaticBatchExecutor(EagerExecutor):
         rows = bucket_rows(x.shape[0], self.max_rows) if self._batches is not None else None
         if rows is None:
             return super().run(forward, x, explain)
-        batch = self._batches.get((rows, explain))
+        key = (rows, explain)
+        batch = self._batches.get(key)
         if batch is None:
-            try:
-                batch = _StaticBatch(forward, explain, rows, x.shape[1], self.device, self.capture)
-            except RuntimeError as e:  # a capture the driver refuses: keep scoring, eagerly
-                log.warning("cuda_graphs_disabled", device=str(self.device), error=str(e))
-                self._batches = None
+            batch = self._build(forward, key, x.shape[1])
+            if batch is None:
                 return super().run(forward, x, explain)
-            self._batches[(rows, explain)] = batch
         return batch.run(forward, x, explain)
+
+    def _build(self, forward: Forward, key: tuple[int, str], dim: int) -> _StaticBatch | None:
+        """The static batch for a bucket, or None (score eagerly) while a capture that ran
+        out of memory waits for its retry, or for good once a capture was refused."""
+        if time.monotonic() < self._retry_at.get(key, 0.0):
+            return None
+        rows, explain = key
+        try:
+            if self.capture and self._side is None:
+                self._side = CaptureSide(self.device)
+            batch = _StaticBatch(forward, explain, rows, dim, self.device, self._side)
+        except torch.OutOfMemoryError as e:  # may pass once memory is freed: retry later
+            self._retry_at[key] = time.monotonic() + CAPTURE_RETRY_S
+            self._side = None  # a fresh stream and pool for the retry
+            log.warning(
+                "cuda_graph_capture_out_of_memory",
+                device=str(self.device),
+                rows=rows,
+                retry_in_s=CAPTURE_RETRY_S,
+                error=str(e).splitlines()[0] if str(e) else "",
+            )
+            return None
+        except RuntimeError as e:  # a capture the driver refuses: keep scoring, eagerly
+            log.warning("cuda_graphs_disabled", device=str(self.device), error=str(e))
+            self._batches = None
+            self._side = None
+            return None
+        self._retry_at.pop(key, None)
+        self._batches[key] = batch
+        return batch
 
 
 class _StaticBatch:
     """Fixed device buffers for one bucket and the forward over them, captured as a
-    CUDA graph when `capture`, else run eagerly on the same buffers."""
+    CUDA graph on `side` (its stream and pool) when given, else run eagerly on the
+    same buffers."""
 
     def __init__(
         self,
@@ -180,13 +253,13 @@ class _StaticBatch:
         rows: int,
         dim: int,
         device: torch.device,
-        capture: bool,
+        side: CaptureSide | None,
     ):
         self.x = torch.zeros((rows, dim), dtype=torch.float32, device=device)
         self.out: torch.Tensor | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
-        if capture:
-            self.graph, self.out = capture_graph(forward, explain, self.x)
+        if side is not None:
+            self.graph, self.out = capture_graph(forward, explain, self.x, side)
 
     def run(self, forward: Forward, x: torch.Tensor, explain: str) -> torch.Tensor:
         """Forward of x [n, D] padded to this bucket; a view of the first n result rows,
@@ -200,34 +273,66 @@ class _StaticBatch:
 
 
 def capture_graph(
-    forward: Forward, explain: str, x: torch.Tensor
+    forward: Forward, explain: str, x: torch.Tensor, side: CaptureSide
 ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-    """forward over the static input x captured as a CUDA graph, and its static result."""
+    """forward over the static input x captured as a CUDA graph on side's stream into
+    side's pool, and its static result. The calling thread ends on the stream it
+    started on, also when the capture fails (torch.cuda.graph's exit skips restoring
+    the stream when ending the capture raises)."""
     device = x.device
     with _CAPTURE_LOCK:
-        stream = _capture_stream(device)
-        # Warm up on the capture stream (cuBLAS sets up its handle and workspace for
-        # that stream), then capture. thread_local: the loop thread keeps scoring
-        # with the serving model while the watcher's thread captures a new one.
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                forward(x, explain)
-        torch.cuda.current_stream(device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
-            out = forward(x, explain)
-        return graph, out
+        caller = torch.cuda.current_stream(device)
+        try:
+            # Warm up on the capture stream (cuBLAS sets up its handle and workspace for
+            # that stream), then capture. thread_local: the loop thread keeps scoring
+            # with the serving model while the watcher's thread captures a new one.
+            side.stream.wait_stream(caller)
+            with torch.cuda.stream(side.stream):
+                for _ in range(2):
+                    forward(x, explain)
+            caller.wait_stream(side.stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(
+                graph, pool=side.pool, stream=side.stream, capture_error_mode="thread_local"
+            ):
+                out = forward(x, explain)
+            return graph, out
+        finally:
+            if torch.cuda.current_stream(device) != caller:
+                torch.cuda.set_stream(caller)
 
 
-def _capture_stream(device: torch.device) -> torch.cuda.Stream:
-    """The side stream graphs are captured on (call with _CAPTURE_LOCK held)."""
-    key = torch.device(
-        "cuda", device.index if device.index is not None else torch.cuda.current_device()
+def gpu_memory(device: torch.device, graph_pools: bool = False) -> dict[str, int]:
+    """Bytes of GPU memory this process holds on a CUDA device: "allocated" (live
+    tensors), "reserved" (held by PyTorch's caching allocator, CUDA graph pools
+    included) and, when asked (a memory snapshot: on a swap, not per batch),
+    "graph_pools" (the reserved segments that belong to graph pools)."""
+    out = {
+        "allocated": torch.cuda.memory_allocated(device),
+        "reserved": torch.cuda.memory_reserved(device),
+    }
+    if graph_pools:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        out["graph_pools"] = graph_pool_bytes(torch.cuda.memory_snapshot(), index)
+    return out
+
+
+def release_cached_memory() -> None:
+    """Hand the caching allocator's free blocks back to the driver, a dropped scorer's
+    graph pools among them (PyTorch frees a dead graph pool only then); never during a
+    capture. Live graphs' pools are kept."""
+    with _CAPTURE_LOCK:
+        torch.cuda.empty_cache()
+
+
+def graph_pool_bytes(segments: list[dict], device_index: int) -> int:
+    """The size of the segments of a memory snapshot (torch.cuda.memory_snapshot())
+    that belong to a private pool (CUDA graphs): pool id other than (0, 0)."""
+    return sum(
+        seg["total_size"]
+        for seg in segments
+        if seg.get("device") == device_index and tuple(seg.get("segment_pool_id", (0, 0))) != (0, 0)
     )
-    if key not in _CAPTURE_STREAMS:
-        _CAPTURE_STREAMS[key] = torch.cuda.Stream(key)
-    return _CAPTURE_STREAMS[key]
 
 
 def make_executor(

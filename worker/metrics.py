@@ -57,7 +57,12 @@ class WorkerMetrics:
             "cae_publish_failures", "Batches whose publication failed (not committed)", registry=r
         )
         self.gpu_memory = Gauge(
-            "cae_gpu_memory_bytes", "GPU memory allocated by the worker", registry=r
+            "cae_gpu_memory_bytes",
+            "GPU memory of the worker by kind: allocated (live tensors), reserved (held by "
+            "the caching allocator, CUDA graph pools included), graph_pools (of reserved, "
+            "the CUDA graph pools; set on each model swap)",
+            ["kind"],
+            registry=r,
         )
         self.ready = Gauge(
             "cae_ready", "1 when the worker can score and reach the broker", registry=r
@@ -120,6 +125,11 @@ class WorkerMetrics:
     def set_model(self, version: str) -> None:
         self.model_info.clear()
         self.model_info.labels(version=version).set(1)
+
+    def set_gpu_memory(self, by_kind: dict[str, int]) -> None:
+        """cae_gpu_memory_bytes{kind} from worker.executors.gpu_memory()."""
+        for kind, value in by_kind.items():
+            self.gpu_memory.labels(kind=kind).set(value)
 
     def observe(self, outcome: BatchOutcome, publish_s: float, lag: dict) -> None:
         """Count one delivered batch (`lag`: records behind per TopicPartition)."""

@@ -1,4 +1,8 @@
-"""CheckpointWatcher: verifies each new LATEST in the background; the loop swaps it in."""
+"""CheckpointWatcher: verifies each new version in the background; the loop swaps it in.
+
+Versions come from a source: the model directory's LATEST (DirectorySource, the
+default) or the model topic (worker.model_topic.ModelTopicSource, WORKER_MODEL_TOPIC).
+"""
 
 from __future__ import annotations
 
@@ -6,21 +10,73 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 import structlog
 
 from worker.checkpoint import CheckpointError, read_latest
 from worker.metrics import WorkerMetrics
 from worker.scoring import Precision, Scorer, load_scorer
+from worker.settings import WorkerSettings
 
 log = structlog.get_logger("worker.reload")
 
 RETRY_AFTER_S = 30.0
 
 
+class CheckpointSource(Protocol):
+    """Where versions come from. `latest()` names the version on offer (None: none
+    yet); `open(version)` returns a local directory holding its files (raises a
+    CheckpointError for one that must not be served); `verified` and `refused` tell
+    the source how the watcher's verification of it ended."""
+
+    where: str
+
+    def latest(self) -> str | None: ...
+    def open(self, version: str) -> Path: ...
+    def verified(self, version: str) -> None: ...
+    def refused(self, version: str, final: bool) -> None: ...
+    def close(self) -> None: ...
+
+
+class DirectorySource:
+    """The model directory: LATEST names the version, its directory holds it. LATEST
+    may name an older version again (a rollback): it is loaded like any other."""
+
+    def __init__(self, model_dir: str | Path):
+        self.model_dir = Path(model_dir)
+        self.where = str(self.model_dir)
+
+    def latest(self) -> str | None:
+        return read_latest(self.model_dir)
+
+    def open(self, version: str) -> Path:
+        return self.model_dir / version
+
+    def verified(self, version: str) -> None:
+        pass
+
+    def refused(self, version: str, final: bool) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def source_for(settings: WorkerSettings) -> CheckpointSource:
+    """The model topic when WORKER_MODEL_TOPIC is set, else the model directory."""
+    if settings.model_topic:
+        from worker.model_topic import ModelTopicSource
+
+        return ModelTopicSource(settings.kafka, settings.model_topic, settings.model_cache_dir)
+    return DirectorySource(settings.model_dir)
+
+
 class CheckpointWatcher:
-    """Polls LATEST; a changed version is read, verified and golden-checked on the
-    worker's device in this thread. A verified scorer waits in `pending` until the
+    """Polls the source; a changed version is read, verified and golden-checked on the
+    worker's device in this thread (with CUDA graphs, every bucket's graph is captured
+    and checked here, so the loop never stalls on a capture). A verified scorer waits
+    in `pending` until the
     loop takes it between two batches; a refused one is logged, counted, and the
     serving model stays.
 
@@ -32,7 +88,7 @@ class CheckpointWatcher:
 
     def __init__(
         self,
-        model_dir: Path,
+        source: CheckpointSource | str | Path,
         device,
         precision: Precision,
         poll_s: float,
@@ -40,7 +96,7 @@ class CheckpointWatcher:
         cuda_graphs: bool = True,
         top_k: int = 3,
     ):
-        self.model_dir = Path(model_dir)
+        self.source = source if hasattr(source, "latest") else DirectorySource(source)
         self.device = device
         self.precision = precision
         self.poll_s = poll_s
@@ -58,11 +114,15 @@ class CheckpointWatcher:
         self.retry_after_s = RETRY_AFTER_S
         self._retry_at = float("inf")
 
+    @property
+    def where(self) -> str:
+        return self.source.where
+
     def check_once(self) -> Scorer | None:
-        """Look at LATEST once; return a newly verified scorer, if any."""
+        """Look at the source once; return a newly verified scorer, if any."""
         try:
-            version = read_latest(self.model_dir)
-        except Exception as e:  # unreadable, or not a version name
+            version = self.source.latest()
+        except Exception as e:  # LATEST unreadable, or not a version name
             if self._seen != "<invalid LATEST>":
                 self._seen = "<invalid LATEST>"
                 self._refuse("<LATEST>", e)
@@ -73,7 +133,7 @@ class CheckpointWatcher:
         t0 = time.perf_counter()
         try:
             scorer = load_scorer(
-                self.model_dir / version,
+                self.source.open(version),
                 self.device,
                 self.precision,
                 self.cuda_graphs,
@@ -81,9 +141,12 @@ class CheckpointWatcher:
             )
         except Exception as e:
             self._refuse(version, e)
-            if not isinstance(e, CheckpointError):  # the machine's fault: may pass later
+            final = isinstance(e, CheckpointError)
+            if not final:  # the machine's fault: may pass later
                 self._retry_at = time.monotonic() + self.retry_after_s
+            self.source.refused(version, final)
             return None
+        self.source.verified(version)
         log.info("model_verified", version=version, seconds=round(time.perf_counter() - t0, 3))
         return scorer
 
@@ -119,7 +182,7 @@ class CheckpointWatcher:
             if time.monotonic() >= deadline or (stop is not None and stop.is_set()):
                 return None
             if not announced:
-                log.warning("waiting_for_model", model_dir=str(self.model_dir), timeout_s=timeout_s)
+                log.warning("waiting_for_model", source=self.where, timeout_s=timeout_s)
                 announced = True
             time.sleep(min(self.poll_s, 0.5))
 
@@ -128,7 +191,7 @@ class CheckpointWatcher:
             try:
                 scorer = self.check_once()
             except Exception:  # counting or logging a refusal failed: look again next poll
-                log.exception("checkpoint_watch_failed", model_dir=str(self.model_dir))
+                log.exception("checkpoint_watch_failed", source=self.where)
                 continue
             if scorer is not None:
                 with self._lock:
@@ -153,3 +216,4 @@ class CheckpointWatcher:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=30)
+        self.source.close()

@@ -26,9 +26,10 @@ from worker.clients import KafkaClients, open_clients
 from worker.codec import Codec
 from worker.delivery import Settled, delivery_for, rewind
 from worker.drift import DriftMonitor
+from worker.executors import gpu_memory, release_cached_memory
 from worker.health import Health, HealthServer, broker_silence
 from worker.metrics import WorkerMetrics
-from worker.reload import CheckpointWatcher
+from worker.reload import CheckpointWatcher, source_for
 from worker.scoring import Scorer, resolve_device
 from worker.settings import WorkerSettings
 from worker.shadow import Rollout, Verdict
@@ -110,7 +111,7 @@ class Worker:
         self.batcher = MicroBatcher(settings.max_batch_size, settings.max_batch_wait_ms / 1000)
         self.bounds = RunBounds(settings.max_records, settings.idle_timeout_s)
         self.watcher = CheckpointWatcher(
-            settings.model_dir,
+            source_for(settings),
             self.device,
             settings.precision,
             settings.reload_poll_s,
@@ -174,7 +175,7 @@ class Worker:
             if self.stopping:
                 return False
             raise StartupError(
-                f"no valid model in {s.model_dir} after {s.wait_for_model_s:.0f}s "
+                f"no valid model in {self.watcher.where} after {s.wait_for_model_s:.0f}s "
                 "(train one: python -m training --data FILE --out DIR)"
             )
         self._serve(scorer)
@@ -247,6 +248,10 @@ class Worker:
         self.scorer = scorer
         self.codec = Codec(scorer.feature_names, self.settings.max_record_bytes)
         self.metrics.set_model(scorer.version)
+        if scorer.device.type == "cuda":
+            if previous:  # the old scorer is gone: its graph pools go back to the driver
+                release_cached_memory()
+            self.metrics.set_gpu_memory(gpu_memory(scorer.device, graph_pools=True))
         structlog.contextvars.bind_contextvars(model_version=scorer.version)  # on every log line
         self.summary.versions.append(scorer.version)
         if self.drift is not None:
@@ -471,7 +476,7 @@ class Worker:
         if outcome.incidents:
             self._incidents_in_flight = [o for o in self._incidents_in_flight if o is not outcome]
         if self.scorer.device.type == "cuda":
-            self.metrics.gpu_memory.set(torch.cuda.memory_allocated(self.scorer.device))
+            self.metrics.set_gpu_memory(gpu_memory(self.scorer.device))
         log.debug(
             "batch",
             records=len(outcome.records),

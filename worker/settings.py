@@ -90,6 +90,11 @@ class WorkerSettings(BaseSettings):
     dlq_topic: str = "features.dlq"
     group_id: str = "cae-worker"
     model_dir: Path = Path("./models")
+    # Checkpoints from a compacted Kafka topic instead of the directory (empty: the
+    # directory); each verified version is unpacked into the worker's own cache
+    # (None: a new temporary directory per process).
+    model_topic: str = ""
+    model_cache_dir: Path | None = None
     max_batch_size: int = Field(default=1024, ge=1, le=1_000_000)
     max_batch_wait_ms: int = Field(default=20, ge=0, le=60_000)
     device: str = "auto"

@@ -12,6 +12,22 @@ Per delay, over one pre-filled float32 topic (one consumer group per loop):
 `baseline_repo` adds "worker, at-least-once (baseline)" and "worker, exactly-once
 (baseline)": `python -m worker` from another checkout (the same loop before a
 change), against the same topic.
+
+With `latency_s`, per delay also the end-to-end latency (measure_latency: every
+event's arrival at a test consumer minus its input's CreateTime, WORKER_EMIT=all):
+
+* worker, {mode}, emit=all   the capacity with an event per record (30 000 records)
+* latency of each mode       at half that capacity, for `latency_s` seconds;
+                             exactly-once read with isolation_level=read_committed
+* latency of the passthrough at the at-least-once rate, threshold 0 (an event per
+                             record) and WORKER_MAX_BATCH_WAIT_MS=0 (each poll
+                             forwarded at once): the transport's own latency, the
+                             floor that `loop_added` subtracts
+
+and at 0 ms "passthrough, no proxy": the passthrough against a second broker with
+no proxy in front of it, so the proxy can be shown not to be the bottleneck; and
+"proxy_check": PROXY_REPEATS more of each, alternating, so that the ratio of their
+medians is not one noisy run against another.
 """
 
 from __future__ import annotations
@@ -27,12 +43,20 @@ from kafka import KafkaAdminClient
 from kafka.admin import NewTopic
 
 from deploy.embedded_broker import EmbeddedBroker, free_port
-from tests.bench._worker_measure import CLIENTS, Probe, log, run_group
+from tests.bench._worker_measure import CLIENTS, Probe, log, measure_latency, run_group
 from tests.bench.common import REPO
 from tests.integration.tcp_proxy import TcpProxy
 
 TOPIC = "in-delay"
 LOOPS = ("worker, at-least-once", "worker, exactly-once", "passthrough")
+
+
+MODES = {"at-least-once": "worker, at-least-once", "exactly-once": "worker, exactly-once"}
+NO_PROXY = "passthrough, no proxy"
+CAPACITY_RECORDS = 30_000
+PROXY_REPEATS = 3
+BATCH_WAIT_MS = 20  # WORKER_MAX_BATCH_WAIT_MS, the default these loops run with
+COMMIT_INTERVAL_MS = 100  # WORKER_COMMIT_INTERVAL_MS under exactly-once, the default
 
 
 def run_delayed(
@@ -42,86 +66,215 @@ def run_delayed(
     threshold: float,
     tmp: Path,
     baseline_repo: str | None = None,
+    latency_s: float | None = None,
+    baseline_first: bool = False,
 ) -> dict:
-    """{delay_ms: {loop: run_group result}} on a broker of its own behind a proxy."""
+    """{delay_ms: {loop: run_group result}} on a broker of its own behind a proxy; with
+    latency_s also {delay_ms: {"latency": ...}}; baseline_first times the baseline
+    loops before the others."""
     proxy_port = free_port()
-    with EmbeddedBroker(advertised_port=proxy_port, log_path=tmp / "tansu-delay.log") as broker:
+    with (
+        EmbeddedBroker(advertised_port=proxy_port, log_path=tmp / "tansu-delay.log") as broker,
+        EmbeddedBroker(log_path=tmp / "tansu-direct.log") as direct,
+    ):
         proxy = TcpProxy(broker.port, proxy_port).forward()
         try:
-            return _run(broker, proxy, delays_ms, data, model_dir, threshold, tmp, baseline_repo)
+            run = _DelayRun(broker, direct, proxy, data, model_dir, threshold, tmp, baseline_repo)
+            run.baseline_first = baseline_first
+            return run.all(delays_ms, latency_s)
         finally:
             proxy.close()
 
 
-def _run(broker, proxy, delays_ms, data, model_dir, threshold, tmp, baseline_repo) -> dict:
-    bootstrap = broker.bootstrap  # the proxy
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
-    admin.create_topics([NewTopic(TOPIC, 1, 1), NewTopic(f"{TOPIC}.dlq", 1, 1)])
-    fill = subprocess.run(
-        [*CLIENTS, "fill", bootstrap, str(data), TOPIC, "float32"],
-        cwd=REPO,
-        check=True,
-        capture_output=True,
-    )
-    n = json.loads(fill.stdout.decode().strip().splitlines()[-1])["records"]
-    baselines = [f"{kind} (baseline)" for kind in LOOPS if kind.startswith("worker")]
-    loops = [*LOOPS, *(baselines if baseline_repo else [])]
-    out: dict = {}
-    for delay in delays_ms:
-        proxy.delay_s = delay / 1000  # connections opened from now on
-        out[str(delay)] = {}
-        for kind in loops:
-            slug = f"d{delay:g}-" + re.sub(r"[^a-z0-9.]+", "-", kind).strip("-")
-            admin.create_topics([NewTopic(f"{slug}-events", 1, 1)])
-            env = {
-                **os.environ,
-                "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
-                "WORKER_INPUT_TOPIC": TOPIC,
-                "WORKER_OUTPUT_TOPIC": f"{slug}-events",
-                "WORKER_DLQ_TOPIC": f"{TOPIC}.dlq",
-                "WORKER_GROUP_ID": slug,
-                # Not the group id: with both equal, Tansu 0.6 showed none of the
-                # transaction's offsets to the probe until the worker had exited.
-                "WORKER_TRANSACTIONAL_ID": f"{slug}-tx",
-                "WORKER_MODEL_DIR": str(model_dir),
-                "WORKER_DEVICE": "cpu",
-                "WORKER_METRICS_PORT": "0",
-                "WORKER_SESSION_TIMEOUT_MS": "6000",
-                "WORKER_HEARTBEAT_INTERVAL_MS": "1000",
-                "WORKER_MAX_RECORDS": str(n),
-            }
-            if kind == "passthrough":
-                cmd = [*CLIENTS, "passthrough", str(threshold)]
-            elif kind.endswith("(baseline)"):
-                run = f"import runpy, sys; sys.path.insert(0, {str(baseline_repo)!r}); "
-                run += "runpy.run_module('worker', run_name='__main__', alter_sys=True)"
-                cmd = [sys.executable, "-c", run]
-            else:
-                cmd = [sys.executable, "-m", "worker"]
-            if "exactly-once" in kind:
-                env["WORKER_DELIVERY"] = "exactly-once"
-            log(f"delay {delay:g} ms each way, {kind}: {n} records")
-            r = run_group(slug, [(cmd, env)], Probe(admin, slug, TOPIC), n, tmp, broker._proc.pid)
-            log(
-                f"delay {delay:g} ms, {kind}: {r['records_per_s']:,.0f} records/s, "
-                f"{r['cpu_us_per_record']:.1f} us cpu/record"
+class _DelayRun:
+    def __init__(self, broker, direct, proxy, data, model_dir, threshold, tmp, baseline_repo):
+        self.broker, self.direct, self.proxy, self.tmp = broker, direct, proxy, tmp
+        self.data, self.model_dir, self.threshold = data, model_dir, threshold
+        self.baseline_repo = baseline_repo
+        self.baseline_first = False
+
+    def all(self, delays_ms: list[float], latency_s: float | None) -> dict:
+        self.admin = KafkaAdminClient(bootstrap_servers=self.broker.bootstrap)  # the proxy
+        self.direct_admin = KafkaAdminClient(bootstrap_servers=self.direct.bootstrap)
+        try:
+            self.n = self._fill(self.admin, self.broker.bootstrap)
+            self._fill(self.direct_admin, self.direct.bootstrap)
+            return {str(d): self.at(d, latency_s) for d in delays_ms}
+        finally:
+            self.admin.close()
+            self.direct_admin.close()
+
+    def _fill(self, admin: KafkaAdminClient, bootstrap: str) -> int:
+        admin.create_topics([NewTopic(TOPIC, 1, 1), NewTopic(f"{TOPIC}.dlq", 1, 1)])
+        fill = subprocess.run(
+            [*CLIENTS, "fill", bootstrap, str(self.data), TOPIC, "float32"],
+            cwd=REPO,
+            check=True,
+            capture_output=True,
+        )
+        return json.loads(fill.stdout.decode().strip().splitlines()[-1])["records"]
+
+    def env(self, bootstrap: str, topic: str, out: str, group: str, max_records, emit: str):
+        e = {
+            **os.environ,
+            "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+            "WORKER_INPUT_TOPIC": topic,
+            "WORKER_OUTPUT_TOPIC": out,
+            "WORKER_DLQ_TOPIC": f"{topic}.dlq",
+            "WORKER_GROUP_ID": group,
+            # Not the group id: with both equal, Tansu 0.6 showed none of the
+            # transaction's offsets to the probe until the worker had exited.
+            "WORKER_TRANSACTIONAL_ID": f"{group}-tx",
+            "WORKER_MODEL_DIR": str(self.model_dir),
+            "WORKER_DEVICE": "cpu",
+            "WORKER_METRICS_PORT": "0",
+            "WORKER_EMIT": emit,
+            "WORKER_SESSION_TIMEOUT_MS": "6000",
+            "WORKER_HEARTBEAT_INTERVAL_MS": "1000",
+            "WORKER_WAIT_FOR_MODEL_S": "60",
+        }
+        e.pop("WORKER_MAX_RECORDS", None)
+        e.pop("WORKER_DELIVERY", None)
+        if max_records is not None:
+            e["WORKER_MAX_RECORDS"] = str(max_records)
+        return e
+
+    def at(self, delay: float, latency_s: float | None) -> dict:
+        self.proxy.delay_s = delay / 1000  # connections opened from now on
+        baselines = [f"{kind} (baseline)" for kind in MODES.values()]
+        loops = [*LOOPS, *(baselines if self.baseline_repo else [])]
+        if self.baseline_first:  # the other order, to see what the order itself does
+            loops = [*(baselines if self.baseline_repo else []), *LOOPS]
+        if delay == 0:
+            loops.append(NO_PROXY)
+        if latency_s:
+            loops += [f"{kind}, emit=all" for kind in MODES.values()]
+        out: dict = {kind: self.throughput(delay, kind) for kind in loops}
+        if delay == 0:
+            out["proxy_check"] = self.proxy_check()
+        if latency_s:
+            out["latency"] = self.latency(delay, out, latency_s)
+        return out
+
+    def proxy_check(self) -> dict:
+        """The passthrough through the proxy (0 ms) and without it, alternating."""
+        rates: dict[str, list[float]] = {"passthrough": [], NO_PROXY: []}
+        for i in range(PROXY_REPEATS):
+            for kind in rates:
+                r = self.throughput(0, kind, suffix=f"-r{i}")
+                rates[kind].append(r["records_per_s"])
+        medians = {k: float(sorted(v)[len(v) // 2]) for k, v in rates.items()}
+        return {
+            "records_per_s": rates,
+            "medians": medians,
+            "through_proxy_over_without": medians["passthrough"] / medians[NO_PROXY],
+        }
+
+    def throughput(self, delay: float, kind: str, suffix: str = "") -> dict:
+        slug = f"d{delay:g}-" + re.sub(r"[^a-z0-9.]+", "-", kind).strip("-") + suffix
+        direct = kind == NO_PROXY
+        admin = self.direct_admin if direct else self.admin
+        bootstrap = (self.direct if direct else self.broker).bootstrap
+        admin.create_topics([NewTopic(f"{slug}-events", 1, 1)])
+        emit_all = kind.endswith("emit=all")
+        n = min(self.n, CAPACITY_RECORDS) if emit_all else self.n
+        env = self.env(
+            bootstrap, TOPIC, f"{slug}-events", slug, n, "all" if emit_all else "anomalies"
+        )
+        if kind.startswith("passthrough"):
+            cmd = [*CLIENTS, "passthrough", str(self.threshold)]
+        elif kind.endswith("(baseline)"):
+            run = f"import runpy, sys; sys.path.insert(0, {str(self.baseline_repo)!r}); "
+            run += "runpy.run_module('worker', run_name='__main__', alter_sys=True)"
+            cmd = [sys.executable, "-c", run]
+        else:
+            cmd = [sys.executable, "-m", "worker"]
+        if "exactly-once" in kind:
+            env["WORKER_DELIVERY"] = "exactly-once"
+        log(f"delay {delay:g} ms each way, {kind}: {n} records")
+        broker = self.direct if direct else self.broker
+        r = run_group(slug, [(cmd, env)], Probe(admin, slug, TOPIC), n, self.tmp, broker._proc.pid)
+        log(
+            f"delay {delay:g} ms, {kind}: {r['records_per_s']:,.0f} records/s, "
+            f"{r['cpu_us_per_record']:.1f} us cpu/record"
+        )
+        return r
+
+    def latency(self, delay: float, loops: dict, seconds: float) -> dict:
+        """Per mode at half its emit=all capacity, and the passthrough's floor at the
+        at-least-once rate; what the loop adds over the floor against its bound."""
+        ctx = {
+            "bootstrap": self.broker.bootstrap,
+            "create": lambda topics: self.admin.create_topics([NewTopic(t, 1, 1) for t in topics]),
+            "env": lambda topic, out, group, max_records, emit: self.env(
+                self.broker.bootstrap, topic, out, group, max_records, emit
+            ),
+            "logdir": self.tmp,
+        }
+        out: dict = {}
+        rates = {}
+        for mode, kind in MODES.items():
+            rates[mode] = round(loops[f"{kind}, emit=all"]["records_per_s"] / 2)
+            label = f"d{delay:g}-{mode}"
+            extra = {"WORKER_DELIVERY": mode} if mode == "exactly-once" else {}
+            log(f"delay {delay:g} ms, latency {mode}: {rates[mode]} records/s for {seconds} s")
+            out[mode] = measure_latency(
+                ctx,
+                "float32",
+                self.data,
+                rates[mode],
+                seconds,
+                label,
+                extra,
+                isolation_level="read_committed" if mode == "exactly-once" else "read_uncommitted",
             )
-            out[str(delay)][kind] = r
-    admin.close()
-    return out
+        log(f"delay {delay:g} ms, latency passthrough: {rates['at-least-once']} records/s")
+        out["passthrough"] = measure_latency(
+            ctx,
+            "float32",
+            self.data,
+            rates["at-least-once"],
+            seconds,
+            f"d{delay:g}-passthrough",
+            {"WORKER_MAX_BATCH_WAIT_MS": "0"},  # no batching: forward every poll at once
+            cmd=[*CLIENTS, "passthrough", "0"],  # max |x| >= 0: an event for every record
+        )
+        floor = out["passthrough"]
+        for mode in MODES:
+            # one batch deadline plus one round trip; under exactly-once an event is
+            # visible (read_committed) once its transaction commits: plus one interval
+            bound = BATCH_WAIT_MS + 2 * delay
+            if mode == "exactly-once":
+                bound += COMMIT_INTERVAL_MS
+            r = out[mode]
+            r["loop_added"] = {
+                "p50_ms": r["p50_ms"] - floor["p50_ms"],
+                "p99_ms": r["p99_ms"] - floor["p99_ms"],
+                "bound_ms": bound,
+                "within_bound_p50": r["p50_ms"] - floor["p50_ms"] <= bound,
+            }
+            log(
+                f"delay {delay:g} ms, latency {mode}: p50 {r['p50_ms']:.1f} p99 {r['p99_ms']:.1f} "
+                f"ms (passthrough {floor['p50_ms']:.1f} / {floor['p99_ms']:.1f}); loop adds "
+                f"{r['loop_added']['p50_ms']:.1f} ms at p50, bound {bound:g} ms"
+            )
+        return out
 
 
 def delay_ratios(delayed: dict) -> list[tuple[str, float]]:
-    """worker / passthrough per delay and mode, and each loop's rate against its own at 0 ms."""
+    """worker / passthrough per delay and mode, each loop's rate against its own at 0 ms,
+    and the passthrough through the proxy at 0 ms against the one without it."""
     rows = []
     base = delayed.get("0") or delayed.get("0.0") or {}
     for delay, loops in delayed.items():
         ceiling = loops["passthrough"]["records_per_s"]
-        for kind, r in loops.items():
-            if kind == "passthrough":
-                continue
-            rows.append((f"delay {delay} ms: {kind} / passthrough", r["records_per_s"] / ceiling))
-        for kind, r in loops.items():
+        timed = {k: r for k, r in loops.items() if k in LOOPS or k.endswith("(baseline)")}
+        for kind, r in timed.items():
+            if kind != "passthrough":
+                rows.append(
+                    (f"delay {delay} ms: {kind} / passthrough", r["records_per_s"] / ceiling)
+                )
+        for kind, r in timed.items():
             if base.get(kind) and delay not in ("0", "0.0"):
                 rows.append(
                     (
@@ -129,4 +282,19 @@ def delay_ratios(delayed: dict) -> list[tuple[str, float]]:
                         r["records_per_s"] / base[kind]["records_per_s"],
                     )
                 )
+    if NO_PROXY in base:
+        rows.append(
+            (
+                "0 ms: passthrough through the proxy / without it",
+                base["passthrough"]["records_per_s"] / base[NO_PROXY]["records_per_s"],
+            )
+        )
+    if "proxy_check" in base:
+        rows.append(
+            (
+                f"0 ms: passthrough through the proxy / without it, medians of "
+                f"{PROXY_REPEATS} alternating runs",
+                base["proxy_check"]["through_proxy_over_without"],
+            )
+        )
     return rows

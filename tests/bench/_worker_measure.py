@@ -285,16 +285,31 @@ def percentile_summary(lat_ms: np.ndarray) -> dict:
 
 
 def measure_latency(
-    ctx: dict, encoding: str, data: Path, rate: float, seconds: float, label: str, extra_env: dict
+    ctx: dict,
+    encoding: str,
+    data: Path,
+    rate: float,
+    seconds: float,
+    label: str,
+    extra_env: dict,
+    cmd: list[str] | None = None,
+    isolation_level: str = "read_uncommitted",
 ) -> dict:
-    """WORKER_EMIT=all at a steady `rate`; every event's arrival here minus its input's timestamp."""
+    """WORKER_EMIT=all at a steady `rate`; every event's arrival here minus its input's timestamp.
+
+    `cmd` replaces `python -m worker` by another loop that emits an event per record (the
+    passthrough with threshold 0: the latency floor of the transport); it runs bounded
+    (WORKER_MAX_RECORDS = every record this run sends). `isolation_level`
+    "read_committed" reads as a downstream consumer of an exactly-once worker does."""
     from tests.bench._worker_clients import STEADY_PRODUCER, encode
 
     bootstrap = ctx["bootstrap"]
     topic, out = f"lat-{encoding}-{label}", f"lat-{encoding}-{label}-events"
     ctx["create"]([topic, out, f"{topic}.dlq"])
+    warmup = 200
+    bound = warmup + int(rate * seconds) if cmd is not None else None
     env = {
-        **ctx["env"](topic, out, f"lat-{encoding}-{label}", max_records=None, emit="all"),
+        **ctx["env"](topic, out, f"lat-{encoding}-{label}", max_records=bound, emit="all"),
         **extra_env,
     }
     log_path = ctx["logdir"] / f"latency-{encoding}-{label}.log"
@@ -305,14 +320,18 @@ def measure_latency(
         auto_offset_reset="earliest",
         enable_auto_commit=False,
         fetch_max_wait_ms=10,
+        isolation_level=isolation_level,
     )
     tp = TopicPartition(out, 0)
     consumer.assign([tp])
     consumer.seek_to_beginning(tp)
-    warmup = 200
     with open(log_path, "wb") as f:
         worker = subprocess.Popen(
-            [sys.executable, "-m", "worker"], env=env, cwd=REPO, stdout=f, stderr=subprocess.STDOUT
+            cmd or [sys.executable, "-m", "worker"],
+            env=env,
+            cwd=REPO,
+            stdout=f,
+            stderr=subprocess.STDOUT,
         )
     lat: list[tuple[float, int, int]] = []  # (arrival here, input timestamp, detected_at_ms)
     received = 0
@@ -366,6 +385,7 @@ def measure_latency(
         "seconds": seconds,
         "events_expected": int(rate * seconds),
         "events_received": len(lat),
+        "isolation_level": isolation_level,
         **summary,
         "split": split,
     }

@@ -15,14 +15,22 @@ a. scoring step: score_tensor (tests/bench/_scoring_tools.py) on a device-reside
    batch sizes 1k..256k (CPU: up to 64k);
 b. bf16 vs fp32: score agreement (relative error, Spearman, decisions) and speed;
    CUDA fp32 vs CPU fp32 agreement;
-c. GPU memory across 100 reloads: load_scorer + one batch, the previous scorer
-   dropped as the worker's swap does, torch.cuda.memory_allocated at each step;
+c. GPU memory across 100 reloads as the worker's hot swap does them (the new scorer
+   loaded, every bucket captured and golden-checked, while the old one still serves;
+   then the old one dropped and its dead graph pools handed back): allocated,
+   reserved and graph-pool memory at each step, and how far the scores move;
 d. the whole worker (`python -m worker`, WORKER_DEVICE=cpu vs cuda) on the same
    embedded Tansu broker and pre-filled topics, JSON and application/x-float32-rows
    records, throughput = slope of the committed offset (tests/bench/_worker_measure).
 
 Results: tests/bench/results/gpu.json with CUDA; --cpu-only writes
 results/gpu-cpu-only.json (not a GPU result: never commit it as gpu.json).
+
+--keep-going records each part's error (exception, message, the project's frame that
+raised it) under "errors" in the results and goes on with the next part, instead of
+stopping at the first; a refused capture shows as mode "eager" and an error, never
+as graphs. tests/bench/gpu_device.sh runs it that way on a lent GPU machine that
+has no network (docs/benchmarks.md, "GPU figures").
 """
 
 from __future__ import annotations
@@ -32,10 +40,12 @@ import gc
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -127,7 +137,7 @@ def time_calls(fn, device: torch.device, min_s: float, max_reps: int = 2000) -> 
 
 def release(device: torch.device) -> None:
     gc.collect()
-    if device.type == "cuda":
+    if device.type == "cuda" and torch.cuda.is_available():
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
 
@@ -188,10 +198,13 @@ class Run:
             "benchmark": NAME,
             "date": now_iso(),
             "command": "python -m tests.bench.gpu " + " ".join(args.argv),
-            "mode": "cpu-only" if args.cpu_only else "gpu",
+            "mode": "cpu-only"
+            if args.cpu_only
+            else ("gpu" if torch.cuda.is_available() else "gpu, but no CUDA found"),
             "complete": False,
             "skipped": {},
         }
+        self.models: dict[str, Path] = {}
 
     def left_s(self) -> float:
         return self.deadline - time.monotonic()
@@ -206,6 +219,20 @@ class Run:
         log(f"skipping {section}: {self.results['skipped'][section]}")
         return False
 
+    def attempt(self, section: str, device: torch.device, fn, *args) -> None:
+        """fn(*args); with --keep-going an exception is recorded under errors[section]
+        (type, message, where it was raised) and the run goes on with the next part."""
+        try:
+            fn(*args)
+        except Exception as e:
+            if not self.args.keep_going:
+                raise
+            self.results.setdefault("errors", {})[section] = error_text(e)
+            log(f"{section} FAILED: {self.results['errors'][section]}")
+            release_quietly(device)
+        finally:
+            self.save()
+
     def save(self) -> None:
         self.results["wall_s"] = round(time.monotonic() - _T0, 1)
         self.out.parent.mkdir(parents=True, exist_ok=True)
@@ -214,18 +241,41 @@ class Run:
         os.replace(tmp, self.out)
 
 
+def error_text(e: BaseException) -> str:
+    """One line: the exception, its message (first and last line) and the innermost
+    frame of this project's own code it passed through."""
+    frames = [
+        f
+        for f in traceback.extract_tb(e.__traceback__)
+        if str(REPO) in f.filename and "site-packages" not in f.filename
+    ]
+    where = ""
+    if frames:
+        f = frames[-1]
+        where = f" (at {Path(f.filename).relative_to(REPO)}:{f.lineno} in {f.name})"
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    message = lines[0] if lines else ""
+    if len(lines) > 1:
+        message += f" … {lines[-1]}"
+    return f"{type(e).__name__}: {message}{where}"
+
+
+def release_quietly(device: torch.device) -> None:
+    """release() after a failure, which may have broken CUDA itself."""
+    try:
+        release(device)
+    except Exception as e:
+        log(f"release after a failure failed too: {error_text(e)}")
+
+
 def devices(args: argparse.Namespace) -> list[torch.device]:
     return [torch.device("cpu")] + ([] if args.cpu_only else [torch.device("cuda")])
 
 
 def scoring_section(run: Run, models: dict[str, Path]) -> None:
     """a. rows/s of score_tensor (device-resident) and score_batch (host in/out)."""
-    from tests.bench._scoring_tools import score_tensor
-    from worker.checkpoint import read_checkpoint
-    from worker.scoring import Scorer, verify_golden
-
     args = run.args
-    rows_out: list[dict] = run.results.setdefault("scoring", [])
+    run.results.setdefault("scoring", [])
     for name, version_dir in models.items():
         if not run.fits(f"scoring {name}", 20):
             continue
@@ -239,49 +289,72 @@ def scoring_section(run: Run, models: dict[str, Path]) -> None:
             for mode, graphs in variants:
                 if not run.fits(f"scoring {name} {device} {mode}", 20):
                     continue
-                scorer = Scorer(read_checkpoint(version_dir), device, cuda_graphs=graphs)
-                verify_golden(scorer)
-                for n in sizes[device.type]:
-                    xd = torch.from_numpy(host[:n]).to(device)
-                    xh = host[:n]
-                    calls = {
-                        "score_tensor": lambda xd=xd, s=scorer: score_tensor(s, xd),
-                        "score_batch": lambda xh=xh, s=scorer: s.score_batch(
-                            xh, explain="anomalies"
-                        ),
-                    }
-                    if mode == "eager" and device.type == "cuda" and name != next(iter(models)):
-                        del calls["score_batch"]  # graphs off: the default model is enough
-                    for path, fn in calls.items():
-                        fn()
-                        fn()  # warm-up: graph capture, pinned buffers, allocator
-                        per_call, reps = time_calls(fn, device, args.min_time_s)
-                        row = {
-                            "model": name,
-                            "device": device.type,
-                            "mode": mode,
-                            "path": path,
-                            "batch": n,
-                            "rows_per_s": n / per_call,
-                            "ms_per_batch": per_call * 1000,
-                            "reps": reps,
-                        }
-                        rows_out.append(row)
-                        log(
-                            f"{name} {device.type} {mode} {path} batch {n}: "
-                            f"{row['rows_per_s'] / 1e6:.2f}M rows/s ({row['ms_per_batch']:.3f} ms)"
-                        )
-                scorer = calls = fn = xd = None  # every reference, so that its memory goes
-                release(device)
-                run.save()
+                run.attempt(
+                    f"scoring {name} {device.type} {mode}",
+                    device,
+                    _score_variant,
+                    *(run, name, version_dir, device, mode, graphs, host),
+                )
+            run.save()
+
+
+def _score_variant(run, name, version_dir, device, mode, graphs, host) -> None:
+    from tests.bench._scoring_tools import score_tensor
+    from worker.checkpoint import read_checkpoint
+    from worker.executors import StaticBatchExecutor
+    from worker.scoring import Scorer, verify_golden
+
+    args = run.args
+    rows_out: list[dict] = run.results["scoring"]
+    sizes = {"cpu": args.cpu_sizes, "cuda": args.gpu_sizes}
+    scorer = Scorer(read_checkpoint(version_dir), device, cuda_graphs=graphs)
+    t0 = time.perf_counter()
+    verify_golden(scorer)  # as load_scorer does: builds (captures) and checks every bucket
+    golden_s = time.perf_counter() - t0
+    for n in sizes[device.type]:
+        xd = torch.from_numpy(host[:n]).to(device)
+        xh = host[:n]
+        calls = {
+            "score_tensor": lambda xd=xd, s=scorer: score_tensor(s, xd),
+            "score_batch": lambda xh=xh, s=scorer: s.score_batch(xh, explain="anomalies"),
+        }
+        if mode == "eager" and device.type == "cuda" and name != next(iter(run.models)):
+            del calls["score_batch"]  # graphs off: the default model is enough
+        for path, fn in calls.items():
+            fn()
+            fn()  # warm-up: graph capture, pinned buffers, allocator
+            per_call, reps = time_calls(fn, device, args.min_time_s)
+            executor = scorer.executor
+            # what really ran: a refused capture falls back to eager scoring
+            replayed = isinstance(executor, StaticBatchExecutor) and executor.replays_graph(
+                n, "none" if path == "score_tensor" else "all"
+            )
+            row = {
+                "model": name,
+                "device": device.type,
+                "mode": "graphs" if replayed else "eager",
+                "graphs_requested": graphs,
+                "path": path,
+                "batch": n,
+                "rows_per_s": n / per_call,
+                "ms_per_batch": per_call * 1000,
+                "reps": reps,
+                "golden_check_s": golden_s,
+            }
+            rows_out.append(row)
+            log(
+                f"{name} {device.type} {row['mode']} {path} batch {n}: "
+                f"{row['rows_per_s'] / 1e6:.2f}M rows/s ({row['ms_per_batch']:.3f} ms)"
+            )
+            if graphs and not replayed:
+                run.results.setdefault("errors", {})[f"scoring {name} {device.type} graphs"] = (
+                    "CUDA graphs requested but the batch ran eagerly (capture refused or "
+                    "out of memory: see the worker.executors warning in the log)"
+                )
 
 
 def precision_section(run: Run, models: dict[str, Path]) -> None:
     """b. bf16 against fp32 on the fastest device: agreement and speed; CUDA vs CPU fp32."""
-    from tests.bench._scoring_tools import precision_agreement, score_tensor
-    from worker.checkpoint import CheckpointError, read_checkpoint
-    from worker.scoring import Scorer, load_scorer, verify_golden
-
     args = run.args
     device = devices(args)[-1]
     out: list[dict] = run.results.setdefault("precision", [])
@@ -289,116 +362,150 @@ def precision_section(run: Run, models: dict[str, Path]) -> None:
     for name, version_dir in models.items():
         if not run.fits(f"precision {name}", 20):
             continue
-        dim = int(name.split("D=")[1])
-        x = make_rows(n, dim, seed=3)
-        fp32 = load_scorer(version_dir, device)
-        bf16 = Scorer(read_checkpoint(version_dir), device=device, precision="bf16")
-        try:
-            verify_golden(bf16)
-            golden = "pass"
-        except CheckpointError as e:
-            golden = f"FAIL: {e}"
-        ref = fp32.score_batch(x, explain="none").scores
+        run.attempt(
+            f"precision {name}", device, _precision_model, run, name, version_dir, device, out, n
+        )
+
+
+def _precision_model(run, name, version_dir, device, out, n) -> None:
+    from tests.bench._scoring_tools import precision_agreement, score_tensor
+    from worker.checkpoint import CheckpointError, read_checkpoint
+    from worker.scoring import Scorer, golden_tolerance, load_scorer, verify_golden
+
+    args = run.args
+    dim = int(name.split("D=")[1])
+    x = make_rows(n, dim, seed=3)
+    fp32 = load_scorer(version_dir, device)
+    bf16 = Scorer(read_checkpoint(version_dir), device=device, precision="bf16")
+    try:
+        verify_golden(bf16)
+        golden = "pass"
+    except CheckpointError as e:
+        golden = f"FAIL: {e}"
+    g = bf16.manifest.golden
+    g_want = np.asarray(g.scores, dtype=np.float64)
+    g_got = bf16.score_batch(np.asarray(g.inputs, dtype=np.float32)).scores
+    # how much of its tolerance the worst golden row used (> 1 refuses the version)
+    golden_used = float(np.max(np.abs(g_got - g_want) / golden_tolerance(device, "bf16", g_want)))
+    ref = fp32.score_batch(x, explain="none").scores
+    row = {
+        "model": name,
+        "device": device.type,
+        "compared": "bf16 vs fp32",
+        "bf16_golden_check": golden,
+        "bf16_golden_tolerance_used": golden_used,
+        **precision_agreement(ref, bf16.score_batch(x, explain="none").scores, fp32.threshold),
+    }
+    big = max(args.gpu_sizes if device.type == "cuda" else args.cpu_sizes)
+    xd = torch.from_numpy(make_rows(big, dim, seed=4)).to(device)
+    for label, s in (("fp32", fp32), ("bf16", bf16)):
+        score_tensor(s, xd)
+        score_tensor(s, xd)
+        per_call, _ = time_calls(lambda s=s, xd=xd: score_tensor(s, xd), device, args.min_time_s)
+        row[f"{label}_rows_per_s_at_{big}"] = big / per_call
+    row["bf16_speedup"] = row[f"bf16_rows_per_s_at_{big}"] / row[f"fp32_rows_per_s_at_{big}"]
+    out.append(row)
+    log(
+        f"{name} bf16 vs fp32 on {device.type}: max rel err {row['max_rel_error']:.2e}, "
+        f"decisions agree {row['decision_agreement']:.5f}, speed x{row['bf16_speedup']:.2f}, "
+        f"golden {golden}"
+    )
+    if device.type == "cuda":
+        cpu = load_scorer(version_dir, "cpu").score_batch(x, explain="none").scores
         row = {
             "model": name,
-            "device": device.type,
-            "compared": "bf16 vs fp32",
-            "bf16_golden_check": golden,
-            **precision_agreement(ref, bf16.score_batch(x, explain="none").scores, fp32.threshold),
+            "device": "cuda vs cpu",
+            "compared": "cuda fp32 vs cpu fp32",
+            **precision_agreement(cpu, ref, fp32.threshold),
         }
-        big = max(args.gpu_sizes if device.type == "cuda" else args.cpu_sizes)
-        xd = torch.from_numpy(make_rows(big, dim, seed=4)).to(device)
-        for label, s in (("fp32", fp32), ("bf16", bf16)):
-            score_tensor(s, xd)
-            score_tensor(s, xd)
-            per_call, _ = time_calls(
-                lambda s=s, xd=xd: score_tensor(s, xd), device, args.min_time_s
-            )
-            row[f"{label}_rows_per_s_at_{big}"] = big / per_call
-        row["bf16_speedup"] = row[f"bf16_rows_per_s_at_{big}"] / row[f"fp32_rows_per_s_at_{big}"]
         out.append(row)
-        log(
-            f"{name} bf16 vs fp32 on {device.type}: max rel err {row['max_rel_error']:.2e}, "
-            f"decisions agree {row['decision_agreement']:.5f}, speed x{row['bf16_speedup']:.2f}, "
-            f"golden {golden}"
-        )
-        if device.type == "cuda":
-            cpu = load_scorer(version_dir, "cpu").score_batch(x, explain="none").scores
-            row = {
-                "model": name,
-                "device": "cuda vs cpu",
-                "compared": "cuda fp32 vs cpu fp32",
-                **precision_agreement(cpu, ref, fp32.threshold),
-            }
-            out.append(row)
-            log(f"{name} cuda vs cpu fp32: max rel err {row['max_rel_error']:.2e}")
-        fp32 = bf16 = s = xd = None  # every reference, so that their memory goes
-        release(device)
-        run.save()
+        log(f"{name} cuda vs cpu fp32: max rel err {row['max_rel_error']:.2e}")
+    fp32 = bf16 = s = xd = None  # every reference, so that their memory goes
+    release(device)
+    run.save()
 
 
 def reload_section(run: Run, version_dir: Path) -> None:
-    """c. load_scorer N times, each followed by one batch, the previous scorer dropped as
-    Worker._use drops it (self.scorer = new): GPU memory must stay flat."""
-    from worker.scoring import load_scorer
-
+    """c. load_scorer N times as the worker's hot swap does: the new scorer is loaded
+    (read, verified, every bucket captured and golden-checked) while the old one still
+    serves, then the old one is dropped, its dead graph pools handed back
+    (release_cached_memory, as Worker._serve does), and the new one scores a batch.
+    GPU memory must stay flat and the scores must not move across reloads."""
     args = run.args
     device = devices(args)[-1]
-    n = args.reloads
-    if not run.fits("reloads", 15 + n * 0.3):
+    if not run.fits("reloads", 15 + args.reloads * 0.5):
         return
+    run.attempt("reloads", device, _reloads, run, version_dir, device)
+
+
+def _reloads(run: Run, version_dir: Path, device: torch.device) -> None:
+    from worker.executors import gpu_memory, release_cached_memory
+    from worker.scoring import load_scorer
+
+    n = run.args.reloads
     cuda = device.type == "cuda"
     x = make_rows(1000, 64, seed=5)
-    mem = (lambda: torch.cuda.memory_allocated(device)) if cuda else (lambda: None)
     release(device)
-    before = mem()
-    scorer, allocated, load_s = None, [], []
+    before = gpu_memory(device, graph_pools=True) if cuda else None
+    scorer, memory, load_s, drift = None, [], [], 0.0
+    reference = None
+    reserve_s = 10 if run.args.no_worker else 140  # the worker section comes next
     for i in range(n):
+        if run.left_s() < reserve_s:
+            run.results["skipped"]["reloads"] = f"time budget: stopped after {i} reloads"
+            break
         t0 = time.perf_counter()
-        new = load_scorer(version_dir, device)  # read, verify, golden batch (graph captured)
+        new = load_scorer(version_dir, device)  # while `scorer` still serves
         load_s.append(time.perf_counter() - t0)
-        new.score_batch(x, explain="anomalies")  # a serving batch: its bucket's graph
         scorer = new  # the swap: the old scorer's last reference goes here
         del new
         if cuda:
+            release_cached_memory()
+        scores = scorer.score_batch(x, explain="anomalies").scores
+        if reference is None:
+            reference = scores
+        drift = max(drift, float(np.max(np.abs(scores - reference))))
+        if cuda:
             torch.cuda.synchronize(device)
-        allocated.append(mem())
+            memory.append(gpu_memory(device, graph_pools=True))
         if (i + 1) % 25 == 0:
-            log(f"reload {i + 1}/{n}: allocated {allocated[-1]}")
+            log(f"reload {i + 1}/{n}: {memory[-1] if memory else ''}, max drift {drift:.3g}")
     r: dict = {
         "device": device.type,
-        "reloads": n,
+        "reloads": len(load_s),
         "load_s_median": float(np.median(load_s)),
         "load_s_first": load_s[0],
         "load_s_max": float(np.max(load_s)),
+        "max_abs_score_change_across_reloads": drift,
     }
     if cuda:
-        reserved = torch.cuda.memory_reserved(device)
-        release(device)
+        allocated = [m["allocated"] for m in memory]
+        reserved = [m["reserved"] for m in memory]
+        pools = [m["graph_pools"] for m in memory]
         r.update(
-            allocated_before=before,
-            allocated_after_1=allocated[0],
-            allocated_after_10=allocated[min(9, n - 1)],
-            allocated_after_last=allocated[-1],
+            before=before,
+            after_1=memory[0],
+            after_10=memory[min(9, len(memory) - 1)],
+            after_last=memory[-1],
             allocated_max=max(allocated),
-            growth_1_to_last=allocated[-1] - allocated[0],
-            reserved_after_last=reserved,
-            allocated_after_gc_empty_cache=mem(),
-            reserved_after_gc_empty_cache=torch.cuda.memory_reserved(device),
+            reserved_max=max(reserved),
+            graph_pools_max=max(pools),
+            allocated_growth_1_to_last=allocated[-1] - allocated[0],
+            reserved_growth_1_to_last=reserved[-1] - reserved[0],
+            allocated_every_10=allocated[::10],
+            reserved_every_10=reserved[::10],
         )
         del scorer
         release(device)
-        r["allocated_after_dropping_the_last"] = mem()
-        r["allocated_every_10"] = allocated[::10]
-        r["flat"] = r["growth_1_to_last"] == 0 and r["allocated_max"] == allocated[0]
+        r["after_dropping_the_last"] = gpu_memory(device, graph_pools=True)
+        r["flat"] = r["allocated_growth_1_to_last"] == 0 and r["reserved_growth_1_to_last"] <= 0
         log(
-            f"reloads: allocated {r['allocated_after_1']} after 1, {r['allocated_after_last']} "
-            f"after {n}, {r['allocated_after_dropping_the_last']} after dropping the last"
+            f"reloads: {r['after_1']} after 1, {r['after_last']} after {len(memory)}, "
+            f"{r['after_dropping_the_last']} after dropping the last"
         )
     else:
         r["memory"] = "no CUDA"
     run.results["reloads"] = r
-    run.save()
 
 
 def worker_section(run: Run, version_dir: Path, tmp: Path) -> None:
@@ -482,8 +589,9 @@ def worker_section(run: Run, version_dir: Path, tmp: Path) -> None:
                         broker._proc.pid,
                         timeout_s=min(240, max(30, run.left_s() - 10)),
                     )
-                except RuntimeError as e:
-                    out[label] = {"error": str(e).splitlines()[0]}
+                except Exception as e:
+                    out[label] = {"error": error_text(e)}
+                    run.results.setdefault("errors", {})[f"worker {label}"] = error_text(e)
                     log(f"worker {label} failed: {e}")
                     run.save()
                     continue
@@ -657,6 +765,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--no-worker", action="store_true", help="skip the worker section (d)")
     p.add_argument("--out", type=Path, help="results file (default results/gpu.json)")
     p.add_argument("--budget-s", type=float, default=320.0, help="skip what would end later")
+    p.add_argument(
+        "--keep-going",
+        action="store_true",
+        help="record each part's error in the results and go on (also without CUDA: "
+        "the CUDA parts then record why they failed); tests/bench/gpu_device.sh uses it",
+    )
+    p.add_argument("--logs", type=Path, help="copy the worker and broker logs here at the end")
     args = p.parse_args(argv)
     args.argv = argv
     if args.quick:
@@ -675,10 +790,38 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def _sections(run: Run, tmp: Path) -> None:
+    args = run.args
+    cpu = torch.device("cpu")
+    for name, (dim, hidden) in (QUICK_MODELS if args.quick else MODELS).items():
+        t0 = time.perf_counter()
+
+        def train(name=name, dim=dim, hidden=hidden):
+            run.models[name] = train_model(tmp / name.replace(" ", "-"), dim, hidden, args.quick)
+
+        run.attempt(f"train {name}", cpu, train)
+        log(f"trained {name} in {time.perf_counter() - t0:.1f}s")
+    models = run.models
+    default = models.get(next(iter(QUICK_MODELS if args.quick else MODELS)))
+    sections = {
+        "scoring": lambda: scoring_section(run, models),
+        "precision": lambda: precision_section(run, models),
+        "reloads": lambda: reload_section(run, default),
+        "worker": lambda: None if args.no_worker else worker_section(run, default, tmp),
+    }
+    for section, fn in sections.items():
+        if default is None and section in ("reloads", "worker"):
+            run.results["skipped"][section] = "the default model failed to train"
+            continue
+        run.attempt(section, devices(args)[-1], fn)
+        run.results["ratios"] = ratios(run.results)
+        run.save()
+
+
 def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    if not args.cpu_only and not torch.cuda.is_available():
+    if not args.cpu_only and not torch.cuda.is_available() and not args.keep_going:
         sys.exit(
             f"error: no CUDA device (torch {torch.__version__}, built for CUDA "
             f"{torch.version.cuda}): run with --cpu-only to measure the CPU side only"
@@ -698,26 +841,19 @@ def main(argv: list[str] | None = None) -> dict:
     }
     if args.cpu_only:
         run.results["skipped"]["gpu"] = "no CUDA (--cpu-only)"
+    elif not torch.cuda.is_available():
+        run.results["errors"] = {"cuda": "no CUDA device: every CUDA part below fails"}
     log(f"{run.results['machine'].get('gpu', {}).get('name', 'no CUDA')}; results to {args.out}")
     run.save()
     with tempfile.TemporaryDirectory(prefix="bench-gpu-") as tmp:
         tmp = Path(tmp)
-        models = {}
-        for name, (dim, hidden) in (QUICK_MODELS if args.quick else MODELS).items():
-            t0 = time.perf_counter()
-            models[name] = train_model(tmp / name.replace(" ", "-"), dim, hidden, args.quick)
-            log(f"trained {name} in {time.perf_counter() - t0:.1f}s")
-        for section in (
-            lambda: scoring_section(run, models),
-            lambda: precision_section(run, models),
-            lambda: reload_section(run, models[next(iter(models))]),
-            lambda: (
-                None if args.no_worker else worker_section(run, models[next(iter(models))], tmp)
-            ),
-        ):
-            section()
-            run.results["ratios"] = ratios(run.results)
-            run.save()
+        try:
+            _sections(run, tmp)
+        finally:
+            if args.logs:  # the loops' and the broker's logs, before tmp goes
+                args.logs.mkdir(parents=True, exist_ok=True)
+                for path in tmp.glob("*.log"):
+                    shutil.copy(path, args.logs / path.name)
     if args.no_worker:
         run.results["skipped"]["worker"] = "--no-worker"
     run.results["complete"] = True

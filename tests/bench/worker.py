@@ -28,7 +28,11 @@ here - the input record's timestamp (set at send).
 
 Then the same loops behind a delayed link (tests/bench/_worker_delay.py): at 0, 1
 and 5 ms each way (--delay-ms), the worker in both delivery modes against the
-pipelined passthrough as the ceiling, over a float32 topic on a broker of its own.
+pipelined passthrough as the ceiling, over a float32 topic on a broker of its own;
+per delay and mode the end-to-end latency at half the WORKER_EMIT=all capacity and
+what the loop adds over the passthrough's latency at the same rate (bound: one
+WORKER_MAX_BATCH_WAIT_MS plus one round trip); at 0 ms the passthrough without the
+proxy, to show that the proxy is not the bottleneck.
 --delay-only runs just that part (trains its own model); --baseline-repo PATH adds
 `python -m worker` from another checkout to it.
 
@@ -141,6 +145,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--shadow-rounds", type=int, default=3)
     p.add_argument("--baseline-repo", help="also run python -m worker from this checkout")
     p.add_argument(
+        "--baseline-first", action="store_true", help="time the baseline loops first (order check)"
+    )
+    p.add_argument(
         "--worker-env",
         action="append",
         default=[],
@@ -225,7 +232,16 @@ def _delayed(args: argparse.Namespace, tmp: Path) -> dict:
     flagged = scorer.score_batch(x).is_anomaly.mean()
     threshold = float(np.quantile(np.abs(x).max(axis=1), 1 - flagged))
     delays = [float(d) for d in args.delay_ms.split(",")]
-    delayed = run_delayed(delays, tmp / "delay.npy", model_dir, threshold, tmp, args.baseline_repo)
+    delayed = run_delayed(
+        delays,
+        tmp / "delay.npy",
+        model_dir,
+        threshold,
+        tmp,
+        args.baseline_repo,
+        latency_s=args.latency_s or None,
+        baseline_first=args.baseline_first,
+    )
     ratios = [ratio(name, value, None, NAME) for name, value in delay_ratios(delayed)]
     return {"delayed": delayed, "delay_ratios": ratios}
 
@@ -518,9 +534,43 @@ def render_delayed(results: dict) -> str:
         ]
         for delay, loops in results["delayed"].items()
         for kind, r in loops.items()
+        if kind not in ("latency", "proxy_check")
     ]
     head = ["delay each way", "loop (float32, 1 partition)", "records", "records/s"]
-    return markdown_table([*head, "/ passthrough", "CPU µs/record"], rows)
+    out = markdown_table([*head, "/ passthrough", "CPU µs/record"], rows)
+    lat = [
+        [
+            f"{delay} ms",
+            mode,
+            r["target_rate"],
+            r.get("p50_ms"),
+            r.get("p99_ms"),
+            r.get("loop_added", {}).get("p50_ms", ""),
+            r.get("loop_added", {}).get("p99_ms", ""),
+            r.get("loop_added", {}).get("bound_ms", ""),
+        ]
+        for delay, loops in results["delayed"].items()
+        for mode, r in loops.get("latency", {}).items()
+    ]
+    for delay, loops in results["delayed"].items():
+        check = loops.get("proxy_check")
+        if check:
+            runs = check["records_per_s"]
+            out += (
+                f"\n\nproxy check at {delay} ms (alternating runs, records/s): through the "
+                f"proxy {', '.join(f'{r:,.0f}' for r in runs['passthrough'])}; without it "
+                f"{', '.join(f'{r:,.0f}' for r in runs['passthrough, no proxy'])}; "
+                f"ratio of medians {check['through_proxy_over_without']:.2f}"
+            )
+    if lat:
+        head = ["delay each way", "latency of", "records/s offered", "p50 ms", "p99 ms"]
+        head += [
+            "loop adds, p50 ms",
+            "p99 ms",
+            "bound ms (batch wait + round trip [+ commit interval])",
+        ]
+        out += "\n\n" + markdown_table(head, lat)
+    return out
 
 
 def render(results: dict) -> str:
@@ -766,7 +816,10 @@ def summary_rows(results: dict) -> list[dict]:
 
 
 def _delay_rows(results: dict) -> list[dict]:
-    """Per delay and delivery mode: the worker against the passthrough of the same run."""
+    """Per delay and delivery mode: the worker against the passthrough of the same run;
+    what the loop adds to the latency; the proxy check at 0 ms."""
+    from tests.bench._worker_delay import NO_PROXY
+
     out = []
     for delay, loops in results.get("delayed", {}).items():
         ceiling = loops["passthrough"]
@@ -780,6 +833,46 @@ def _delay_rows(results: dict) -> list[dict]:
                     "met": None,
                     "detail": f"{r['records_per_s']:,.0f} vs {ceiling['records_per_s']:,.0f} "
                     "rec/s (float32, 1 partition, pipelined passthrough)",
+                }
+            )
+        for mode, r in loops.get("latency", {}).items():
+            added = r.get("loop_added")
+            if not added:
+                continue
+            out.append(
+                {
+                    "figure": f"delay {delay} ms each way: latency the {mode} loop adds, p50 ms",
+                    "value": added["p50_ms"],
+                    "goal": f"≤ {added['bound_ms']:g}",
+                    "met": added["within_bound_p50"],
+                    "detail": f"p50/p99 {r['p50_ms']:.0f}/{r['p99_ms']:.0f} ms at "
+                    f"{r['target_rate']:,} rec/s, passthrough "
+                    f"{loops['latency']['passthrough']['p50_ms']:.0f}/"
+                    f"{loops['latency']['passthrough']['p99_ms']:.0f} ms",
+                }
+            )
+        check = loops.get("proxy_check")
+        if check:
+            m = check["medians"]
+            out.append(
+                {
+                    "figure": f"delay {delay} ms: passthrough through the proxy / without it "
+                    f"(medians of {len(check['records_per_s']['passthrough'])} alternating runs)",
+                    "value": check["through_proxy_over_without"],
+                    "goal": "≈ 1",
+                    "met": None,
+                    "detail": f"{m['passthrough']:,.0f} vs {m[NO_PROXY]:,.0f} rec/s",
+                }
+            )
+        if NO_PROXY in loops:
+            direct = loops[NO_PROXY]["records_per_s"]
+            out.append(
+                {
+                    "figure": f"delay {delay} ms: passthrough through the proxy / without it",
+                    "value": ceiling["records_per_s"] / direct,
+                    "goal": "≈ 1",
+                    "met": None,
+                    "detail": f"{ceiling['records_per_s']:,.0f} vs {direct:,.0f} rec/s",
                 }
             )
     return out

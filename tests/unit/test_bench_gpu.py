@@ -66,3 +66,39 @@ def test_time_budget_skips_sections(tmp_path):
     }
     assert all(why.startswith("time budget") for why in skipped.values())
     assert not run.results.get("scoring") and "reloads" not in run.results
+
+
+def test_keep_going_without_cuda_records_each_cuda_part_and_keeps_the_cpu_figures(
+    tmp_path, monkeypatch
+):
+    """What tests/bench/gpu_device.sh runs, on a machine where CUDA is missing: the run
+    ends complete, with the CPU figures and one error per CUDA part."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "gpu.json"
+    gpu.main(["--quick", "--keep-going", "--no-worker", "--out", str(out)])
+    written = json.loads(out.read_text())
+    assert written["complete"] is True and written["mode"] == "gpu, but no CUDA found"
+    assert {(r["device"], r["mode"]) for r in written["scoring"]} == {("cpu", "eager")}
+    errors = written["errors"]
+    models = list(gpu.QUICK_MODELS)
+    assert set(errors) == {
+        "cuda",
+        *(f"scoring {m} cuda {mode}" for m in models for mode in ("graphs", "eager")),
+        *(f"precision {m}" for m in models),
+        "reloads",
+    }
+    assert all(
+        "CUDA" in why and "(at worker/" in why for key, why in errors.items() if key != "cuda"
+    )
+
+
+def test_error_text_names_the_project_frame():
+    def fail():
+        raise ValueError("first line\nsecond\nlast line")
+
+    try:
+        fail()
+    except ValueError as e:
+        text = gpu.error_text(e)
+    assert text.startswith("ValueError: first line … last line (at tests/unit/test_bench_gpu.py:")
+    assert text.endswith("in fail)")

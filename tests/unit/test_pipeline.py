@@ -280,3 +280,92 @@ def test_a_failed_transaction_is_aborted_and_hands_back_all_its_records():
     assert producer.calls[-1] == "abort"
     assert first_offsets(d.abandon(producer)) == {TP0: 0}
     assert producer.calls.count("abort") == 1
+
+
+class CommitResult:
+    """kafka-python's TransactionalRequestResult: done when the broker has answered."""
+
+    def __init__(self, producer: AsyncTxProducer):
+        self.producer, self.is_done, self.error = producer, False, None
+
+    def end(self, error: Exception | None = None):
+        self.producer.flush()
+        self.producer.calls.append("commit ended")
+        self.is_done, self.error = True, error
+
+    def wait(self):
+        if not self.is_done:  # the real one blocks until the sender thread ends it
+            self.end(KafkaError("injected: commit failed") if self.producer.fail_commit else None)
+        if self.error:
+            raise self.error
+
+
+class AsyncTxProducer(TxProducer):
+    """commit_transaction() in the parts kafka-python's KafkaProducer has: the
+    transaction manager starts the commit, the sender thread ends it later."""
+
+    def __init__(self, fail_commit=False):
+        super().__init__(fail_commit)
+        self._transaction_manager = self
+        self._sender = self
+        self.result: CommitResult | None = None
+
+    def begin_commit(self):
+        self.calls.append("commit started")
+        self.result = CommitResult(self)
+        return self.result
+
+    def wakeup(self):
+        pass
+
+
+def test_the_loop_goes_on_while_the_commit_is_in_flight():
+    clock, producer, consumer = Clock(), AsyncTxProducer(), GroupConsumer()
+    d = exactly_once(clock)
+    d.submit(with_outputs(batch({0: range(0, 5)}), 1), producer, consumer)
+    clock.t += 0.1
+    assert d.settle(producer, consumer).finished == []  # started, not waited for
+    assert producer.calls == ["begin", f"offsets { {TP0: 5} }", "commit started"]
+    assert d.in_flight() == 5 and d.due_in_s() == 0.0  # uncommitted until it ends
+    assert d.settle(producer, consumer).finished == []  # not done yet: nothing to wait for
+    with pytest.raises(RuntimeError, match="while a transaction commits"):
+        d.submit(with_outputs(batch({0: range(5, 9)}), 1), producer, consumer)
+    producer.result.end()
+    assert len(d.settle(producer, consumer).finished) == 1
+    assert d.in_flight() == 0 and d.due_in_s() is None
+
+
+def test_the_next_transaction_begins_only_after_the_commit_ended():
+    clock, producer, consumer = Clock(), AsyncTxProducer(), GroupConsumer()
+    d = exactly_once(clock)
+    d.submit(with_outputs(batch({0: range(0, 5)}), 1), producer, consumer)
+    clock.t += 0.1
+    d.settle(producer, consumer)
+    # the next batch is scored meanwhile; before it is sent the worker makes room
+    assert len(d.settle(producer, consumer, wait="room").finished) == 1
+    d.submit(with_outputs(batch({0: range(5, 9)}), 1), producer, consumer)
+    assert producer.calls[-3:] == ["commit started", "commit ended", "begin"]
+
+
+def test_a_commit_that_fails_in_flight_is_aborted_and_hands_back_its_records():
+    clock, producer, consumer = Clock(), AsyncTxProducer(fail_commit=True), GroupConsumer()
+    d = exactly_once(clock)
+    d.submit(with_outputs(batch({0: range(0, 5)}), 1), producer, consumer)
+    clock.t += 0.1
+    assert d.settle(producer, consumer).error is None  # started
+    settled = d.settle(producer, consumer, wait="room")
+    assert "commit failed" in str(settled.error) and settled.finished == []
+    assert producer.calls[-1] == "abort"
+    assert first_offsets(d.abandon(producer)) == {TP0: 0}
+
+
+def test_abandon_during_a_commit_that_succeeds_hands_back_none_of_its_records():
+    """Records whose transaction committed must not be read and published again."""
+    clock, producer, consumer = Clock(), AsyncTxProducer(), GroupConsumer()
+    d = exactly_once(clock)
+    d.submit(with_outputs(batch({0: range(0, 5)}), 1), producer, consumer)
+    clock.t += 0.1
+    d.settle(producer, consumer)
+    assert d.abandon(producer) == []
+    assert "abort" not in producer.calls
+    assert len(d.settle(producer, consumer).finished) == 1  # still counted

@@ -148,6 +148,7 @@ def test_a_refused_capture_falls_back_to_eager_scoring(fitted, monkeypatch):
         raise RuntimeError("operation not permitted when stream is capturing")
 
     monkeypatch.setattr(executors, "capture_graph", refuse)
+    monkeypatch.setattr(executors, "CaptureSide", lambda device: object())  # no CUDA here
     static = Scorer(checkpoint(fitted), executor=StaticBatchExecutor("cpu", capture=True))
     x = rows(70, seed=8)
     got = static.score_batch(x)
