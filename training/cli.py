@@ -12,6 +12,7 @@ import signal
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -203,30 +204,122 @@ def publish_to_topic(settings: TrainerSettings, version_dir: Path) -> None:
 
 
 def run_from_kafka(settings: TrainerSettings, config: TrainConfig, interactive: bool) -> int:
-    """One retraining cycle from the input topic, or one every --every-seconds until SIGTERM."""
+    """One retraining cycle from the input topic, or one every --every-seconds until
+    SIGTERM; with --incident-topic also one when a drift incident opens (after
+    --drift-delay-seconds, on every record since it opened; at most one per
+    --drift-min-interval-seconds)."""
     from kafka.errors import KafkaError
 
-    from training.from_kafka import SnapshotError
+    from training.from_kafka import DriftIncidents, SnapshotError
 
-    stop = threading.Event()
-    if settings.every_seconds is not None:
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    while True:
+    # Periodic mode logs a failed cycle and goes on (a model-topic publication too);
+    # one cycle ends in one line, or TopicPublishError's own.
+    failures = (SnapshotError, DataError, KafkaError, OSError, TopicPublishError)
+    if settings.every_seconds is None:
         try:
             version = kafka_cycle(settings, config, interactive)
-            if version:
-                print(version, flush=True)
-        except (SnapshotError, DataError, KafkaError, OSError, TopicPublishError) as e:
-            if settings.every_seconds is None:
-                if isinstance(e, TopicPublishError):
-                    raise
-                raise UsageError(f"retraining from {settings.input_topic!r}: {e}") from None
-            log.warning("retraining cycle skipped", error=str(e) or type(e).__name__)
-        if settings.every_seconds is None or stop.wait(settings.every_seconds):
-            return 0
+        except (SnapshotError, DataError, KafkaError, OSError) as e:
+            raise UsageError(f"retraining from {settings.input_topic!r}: {e}") from None
+        if version:
+            print(version, flush=True)
+        return 0
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    incidents = None
+    if settings.retrain_on_drift:
+        try:
+            incidents = DriftIncidents(
+                settings.kafka, settings.incident_topic, settings.input_topic
+            )
+        except failures as e:
+            raise UsageError(f"watching {settings.incident_topic!r} for drift: {e}") from None
+    plan = RetrainPlan(
+        settings.every_seconds,
+        settings.drift_delay_seconds,
+        settings.drift_min_interval_seconds,
+        time.monotonic(),
+    )
+    try:
+        while not stop.is_set():
+            due = plan.due(time.monotonic())
+            if due is not None:
+                reason, since_ms = due
+                log.info("retraining", reason=reason, since_ms=since_ms)
+                try:
+                    version = kafka_cycle(settings, config, interactive, since_ms=since_ms)
+                    if version:
+                        print(version, flush=True)
+                    plan.done(reason, time.monotonic(), ok=True)
+                except failures as e:
+                    log.warning(
+                        "retraining cycle skipped", reason=reason, error=str(e) or type(e).__name__
+                    )
+                    plan.done(reason, time.monotonic(), ok=False)
+                continue
+            wait_s = max(0.0, min(plan.next_at(time.monotonic()), 1.0 if incidents else 3600.0))
+            if incidents is None:
+                stop.wait(wait_s)
+                continue
+            try:
+                opened = incidents.poll(wait_s)
+            except KafkaError as e:
+                log.warning("incident poll failed", error=str(e) or type(e).__name__)
+                stop.wait(1.0)
+                continue
+            for started_ms in opened:
+                log.info("drift_opened", topic=settings.input_topic, started_at_ms=started_ms)
+                plan.drift(started_ms, time.monotonic())
+    finally:
+        if incidents is not None:
+            incidents.close()
+    return 0
 
 
-def kafka_cycle(settings: TrainerSettings, config: TrainConfig, interactive: bool) -> str | None:
+class RetrainPlan:
+    """When the periodic trainer retrains next: every `every_s`, and `delay_s` after a
+    drift incident opens, at most once per `min_interval_s` of drift retrains; a drift
+    retrain takes only the records since the incident opened. A failed drift retrain
+    (too few rows since the shift, for example) is tried again after `delay_s`."""
+
+    def __init__(self, every_s: float, delay_s: float, min_interval_s: float, now: float):
+        self.every_s, self.delay_s, self.min_interval_s = every_s, delay_s, min_interval_s
+        self.timer_at = now  # the first cycle at once, as without drift
+        self.drift_since_ms: int | None = None
+        self.drift_at = float("inf")
+        self.last_drift_retrain = -float("inf")
+
+    def drift(self, started_at_ms: int, now: float) -> None:
+        if self.drift_since_ms is None:
+            self.drift_at = max(now + self.delay_s, self.last_drift_retrain + self.min_interval_s)
+        # a later opening moves the snapshot's start on: records after the newest shift
+        self.drift_since_ms = max(started_at_ms, self.drift_since_ms or started_at_ms)
+
+    def due(self, now: float) -> tuple[str, int | None] | None:
+        if self.drift_since_ms is not None and now >= self.drift_at:
+            return "drift", self.drift_since_ms
+        if now >= self.timer_at:
+            return "timer", None
+        return None
+
+    def next_at(self, now: float) -> float:
+        """Seconds until the next cycle may be due."""
+        return min(self.timer_at, self.drift_at) - now
+
+    def done(self, reason: str, now: float, ok: bool) -> None:
+        self.timer_at = now + self.every_s
+        if reason != "drift":
+            return
+        if ok:
+            self.last_drift_retrain = now
+            self.drift_since_ms, self.drift_at = None, float("inf")
+        else:
+            self.drift_at = now + self.delay_s
+
+
+def kafka_cycle(
+    settings: TrainerSettings, config: TrainConfig, interactive: bool, since_ms: int | None = None
+) -> str | None:
     from training.from_kafka import compare_with_live, live_scorer, read_snapshot, snapshot_rows
 
     live = live_scorer(settings.out)
@@ -235,12 +328,18 @@ def kafka_cycle(settings: TrainerSettings, config: TrainConfig, interactive: boo
         settings.input_topic,
         settings.max_records,
         settings.max_seconds,
+        since_ms=since_ms,
     )
-    snap = snapshot_rows(records, live)
+    # After drift the live model is the one that no longer fits: what it flags is mostly
+    # the new operating point's tail, and leaving that out would truncate the new model's
+    # calibration (its live anomaly rate then overshoots the target and shadow refuses
+    # it). A drift retrain keeps every row; the live model still names the features.
+    snap = snapshot_rows(records, live, leave_out_anomalies=since_ms is None)
     log.info(
         "snapshot",
         topic=settings.input_topic,
         records=snap.records,
+        since_ms=since_ms,
         rejected=snap.rejected,
         excluded_anomalies=snap.excluded_anomalies,
         rows=len(snap.rows),

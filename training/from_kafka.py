@@ -68,9 +68,16 @@ def _infer_feature_names(records: list) -> list[str]:
     )
 
 
-def read_snapshot(kafka: KafkaSettings, topic: str, max_records: int, max_seconds: float) -> list:
-    """The newest ≤ max_records records of `topic` by record timestamp, read for at most
-    max_seconds, oldest first. No consumer group: nothing is committed.
+def read_snapshot(
+    kafka: KafkaSettings,
+    topic: str,
+    max_records: int,
+    max_seconds: float,
+    since_ms: int | None = None,
+) -> list:
+    """The newest ≤ max_records records of `topic` by record timestamp (only those at or
+    after `since_ms` when given), read for at most max_seconds, oldest first. No
+    consumer group: nothing is committed.
 
     Partitions fill unevenly (keys hash, unkeyed records land at random), so the newest
     records are not an equal share of each partition: each partition's last max_records
@@ -101,7 +108,7 @@ def read_snapshot(kafka: KafkaSettings, topic: str, max_records: int, max_second
                     fetched.add(tp)
                     ends[tp] = max(ends[tp], consumer.highwater(tp) or 0)
                 for r in recs:
-                    if r.offset >= ends[tp]:
+                    if r.offset >= ends[tp] or (since_ms is not None and r.timestamp < since_ms):
                         continue
                     item = (r.timestamp, r.partition, r.offset, r)
                     if len(newest) < max_records:
@@ -115,12 +122,14 @@ def read_snapshot(kafka: KafkaSettings, topic: str, max_records: int, max_second
         consumer.close()
 
 
-def snapshot_rows(records: list, live: Scorer | None) -> Snapshot:
+def snapshot_rows(records: list, live: Scorer | None, leave_out_anomalies: bool = True) -> Snapshot:
+    """The snapshot's valid rows, decoded for the live model's features; without the
+    rows the live model calls anomalous unless `leave_out_anomalies` is False."""
     names = live.feature_names if live else _infer_feature_names(records)
     decoded = Codec(names).decode(records)
     rows = decoded.rows
     excluded = 0
-    if live is not None and len(rows):
+    if live is not None and leave_out_anomalies and len(rows):
         keep = ~np.concatenate(
             [live.score_batch(rows[i : i + 65536]).is_anomaly for i in range(0, len(rows), 65536)]
         )
@@ -144,3 +153,52 @@ def compare_with_live(
     new = holdout_error(candidate, holdout, scale)
     old = holdout_error(live, holdout, scale)
     return new <= old * (1 + NOT_WORSE_TOLERANCE), new, old
+
+
+def drift_openings(records: list, input_topic: str) -> list[int]:
+    """`started_at_ms` of each drift incident on `input_topic` that opened in `records`
+    (docs/contract.md#incidents); other incidents, and records that are not one, are
+    passed over."""
+    opened = []
+    for rec in records:
+        try:
+            doc = orjson.loads(rec.value)
+        except (orjson.JSONDecodeError, TypeError):
+            continue
+        if not isinstance(doc, dict):
+            continue
+        if (doc.get("kind"), doc.get("status"), doc.get("topic")) != ("drift", "open", input_topic):
+            continue
+        started = doc.get("started_at_ms")
+        if isinstance(started, int) and not isinstance(started, bool):
+            opened.append(started)
+    return opened
+
+
+class DriftIncidents:
+    """Drift incidents as they arrive on the incident topic: read from its end when
+    created, no consumer group (nothing committed; a restarted trainer does not
+    retrain for incidents it has seen before)."""
+
+    def __init__(self, kafka: KafkaSettings, topic: str, input_topic: str):
+        self.input_topic = input_topic
+        self.consumer = KafkaConsumer(
+            **kafka.client_kwargs(), enable_auto_commit=False, isolation_level="read_committed"
+        )
+        parts = self.consumer.partitions_for_topic(topic)
+        if not parts:
+            self.consumer.close()
+            raise SnapshotError(f"incident topic {topic!r} does not exist or has no partitions")
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        self.consumer.assign(tps)
+        self.consumer.seek_to_end(*tps)
+        for tp in tps:
+            self.consumer.position(tp)  # resolve "the end" now, not at the first poll
+
+    def poll(self, timeout_s: float) -> list[int]:
+        """`started_at_ms` of the drift openings that arrived within timeout_s."""
+        polled = self.consumer.poll(timeout_ms=int(timeout_s * 1000))
+        return drift_openings([r for recs in polled.values() for r in recs], self.input_topic)
+
+    def close(self) -> None:
+        self.consumer.close()

@@ -82,6 +82,10 @@ class TrainerSettings(BaseSettings):
     max_records: int = Field(default=20_000, gt=0)
     max_seconds: float = Field(default=120.0, gt=0)
     every_seconds: float | None = Field(default=None, gt=0)  # None: one cycle
+    # Retraining on drift (periodic mode): the worker's incident topic, "none": off.
+    incident_topic: str = "none"
+    drift_delay_seconds: float = Field(default=60.0, ge=0)
+    drift_min_interval_seconds: float = Field(default=600.0, ge=0)
 
     @field_validator("hidden", mode="before")
     @classmethod
@@ -118,7 +122,15 @@ class TrainerSettings(BaseSettings):
             raise ValueError("give either --data or --from-kafka, not both")
         if self.every_seconds is not None and not self.from_kafka:
             raise ValueError("--every-seconds retrains from the stream: it needs --from-kafka")
+        if self.retrain_on_drift and self.every_seconds is None:
+            raise ValueError(
+                "--incident-topic retrains on drift in periodic mode: it needs --every-seconds"
+            )
         return self
+
+    @property
+    def retrain_on_drift(self) -> bool:
+        return self.incident_topic.strip().lower() != "none"
 
     def train_config(self) -> TrainConfig:
         """The hyper-parameters as TrainConfig names them."""
@@ -239,6 +251,23 @@ FLAGS: dict[str, list[tuple[str, str, str]]] = {
             "--every-seconds",
             "S",
             "retrain every S seconds until SIGTERM (default: once, then exit)",
+        ),
+        (
+            "--incident-topic",
+            "TOPIC",
+            "with --every-seconds: also retrain when a drift incident on the input topic opens "
+            "on this topic, the worker's WORKER_INCIDENT_TOPIC; none: off {default}",
+        ),
+        (
+            "--drift-delay-seconds",
+            "S",
+            "a drift retrain waits S seconds after the incident opened and trains on every "
+            "record since then (the live model's anomalies kept: it no longer fits) {default}",
+        ),
+        (
+            "--drift-min-interval-seconds",
+            "S",
+            "at most one drift retrain per S seconds {default}",
         ),
     ],
 }

@@ -8,19 +8,24 @@
   every request as well, so an outage shows even while the loop is blocked in a
   flush or a commit.
 * **/metrics**: Prometheus text from the worker's registry.
+* **POST /shadow** (only when an admin token is set): an operator promotes or refuses
+  the checkpoint in shadow (worker/shadow.py), with `Authorization: Bearer TOKEN`.
 
-The server answers exactly these three paths and nothing else.
+The server answers exactly these paths and nothing else.
 """
 
 from __future__ import annotations
 
+import hmac
 import threading
 import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs
 
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from pydantic import SecretStr
 
 from worker.metrics import WorkerMetrics
 
@@ -40,6 +45,12 @@ class Health:
         # Whether the background parts the loop depends on still run (the checkpoint
         # watcher): a dead one is a dead worker, whatever the loop's heartbeat says.
         self.components_alive: Callable[[], bool] = lambda: True
+        # An operator's decision on the checkpoint in shadow: (action, version) →
+        # (HTTP status, message).
+        self.shadow_request: Callable[[str, str], tuple[int, str]] = lambda a, v: (
+            409,
+            "nothing in shadow",
+        )
 
     def beat(self) -> None:
         self.last_beat = time.monotonic()
@@ -88,11 +99,15 @@ def broker_silence(consumer, session_timeout_s: float) -> str | None:
     return None
 
 
+MAX_POST_BYTES = 1024
+
+
 class HealthServer:
     """/metrics, /healthz and /readyz over HTTP, in a daemon thread."""
 
-    def __init__(self, health: Health, host: str, port: int):
+    def __init__(self, health: Health, host: str, port: int, admin_token: SecretStr | None = None):
         self.health = health
+        self.admin_token = admin_token.get_secret_value().encode() if admin_token else None
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -100,6 +115,23 @@ class HealthServer:
                 code, body, ctype = owner.respond(self.path)
                 self.send_response(code)
                 self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_POST(self):  # noqa: N802 - http.server's name
+                try:
+                    length = int(self.headers.get("Content-Length") or 0)
+                except ValueError:
+                    length = -1
+                if not 0 <= length <= MAX_POST_BYTES:
+                    code, body = 400, b"a form of at most 1024 bytes, with its Content-Length\n"
+                else:
+                    code, body = owner.post(
+                        self.path, self.headers.get("Authorization"), self.rfile.read(length)
+                    )
+                self.send_response(code)
+                self.send_header("Content-Type", "text/plain")
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
@@ -129,6 +161,23 @@ class HealthServer:
                 return 200, b"ready\n", "text/plain"
             return 503, f"not ready: {reason}\n".encode(), "text/plain"
         return 404, b"not found\n", "text/plain"
+
+    def post(self, path: str, authorization: str | None, body: bytes) -> tuple[int, bytes]:
+        """POST /shadow: an operator's promote/refuse, with the admin token."""
+        if path.split("?", 1)[0] != "/shadow" or self.admin_token is None:
+            return 404, b"not found\n"
+        given = (authorization or "").encode("utf-8", "replace")
+        if not hmac.compare_digest(given, b"Bearer " + self.admin_token):
+            return 401, b"unauthorized\n"
+        try:
+            form = parse_qs(body.decode("utf-8"), strict_parsing=True)
+        except (UnicodeDecodeError, ValueError):
+            return 400, b"expected a form: action=promote|refuse&version=VERSION\n"
+        action, version = form.get("action", [""]), form.get("version", [""])
+        if len(action) != 1 or len(version) != 1 or not version[0]:
+            return 400, b"expected a form: action=promote|refuse&version=VERSION\n"
+        code, message = self.health.shadow_request(action[0], version[0])
+        return code, f"{message}\n".encode()
 
     def start(self) -> HealthServer:
         self._thread.start()

@@ -92,6 +92,57 @@ class WorkerMetrics:
             registry=r,
         )
 
+        # drift (worker/drift.py), per input topic
+        self.drift_statistic = Gauge(
+            "cae_drift_statistic",
+            "Fit test of the serving model's p-values over the last window (|T| ≥ level opens)",
+            ["topic"],
+            registry=r,
+        )
+        self.drift_anomaly_share = Gauge(
+            "cae_drift_anomaly_share",
+            "Share of the last window's rows with a p-value at most the target rate",
+            ["topic"],
+            registry=r,
+        )
+        self.drift_open = Gauge(
+            "cae_drift_open", "1 while a drift incident is open", ["topic"], registry=r
+        )
+        self.drift_incidents = Counter(
+            "cae_drift_incidents",
+            "Drift incidents by status (open, resolved)",
+            ["topic", "status"],
+            registry=r,
+        )
+        # shadow rollout (worker/shadow.py): the candidate scored beside the serving model
+        self.shadow_info = Gauge(
+            "cae_shadow_info", "The checkpoint in shadow (value 1), if any", ["version"], registry=r
+        )
+        self.shadow_records = Gauge(
+            "cae_shadow_records", "Rows the candidate in shadow has scored", registry=r
+        )
+        self.shadow_anomaly_rate = Gauge(
+            "cae_shadow_anomaly_rate", "The candidate's anomaly rate on live rows", registry=r
+        )
+        self.shadow_target_rate = Gauge(
+            "cae_shadow_target_rate", "The candidate's target false-positive rate", registry=r
+        )
+        self.shadow_agreement = Gauge(
+            "cae_shadow_agreement",
+            "Share of live rows where the candidate and the serving model decide alike",
+            registry=r,
+        )
+        self.shadow_rank_correlation = Gauge(
+            "cae_shadow_rank_correlation",
+            "Spearman correlation of the candidate's and the serving model's scores",
+            registry=r,
+        )
+        self.shadow_cost_ratio = Gauge(
+            "cae_shadow_cost_ratio",
+            "The candidate's scoring time over the serving batch's compute time",
+            registry=r,
+        )
+
     def set_model(self, version: str) -> None:
         self.model_info.clear()
         self.model_info.labels(version=version).set(1)

@@ -8,7 +8,9 @@ acknowledged, in order (at-least-once), or inside the same transaction
 
 from __future__ import annotations
 
+import socket
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -23,6 +25,7 @@ from worker.bounds import RunBounds
 from worker.clients import KafkaClients, open_clients
 from worker.codec import Codec
 from worker.delivery import Settled, delivery_for, rewind
+from worker.drift import DriftMonitor
 from worker.executors import gpu_memory, release_cached_memory
 from worker.health import Health, HealthServer, broker_silence
 from worker.incident_state import incident_tracker, restore_incidents
@@ -30,6 +33,7 @@ from worker.metrics import WorkerMetrics
 from worker.reload import CheckpointWatcher, source_for
 from worker.scoring import Scorer, resolve_device
 from worker.settings import WorkerSettings
+from worker.shadow import Rollout, Verdict
 from worker.step import BatchOutcome, first_offsets, score_records
 
 log = structlog.get_logger("worker")
@@ -118,7 +122,28 @@ class Worker:
             top_k=settings.top_features,
         )
         self.health.components_alive = lambda: self.watcher.alive
+        self.rollout = Rollout(
+            settings.shadow_records, settings.shadow_max_rate_factor, self.metrics
+        )
+        self.health.shadow_request = self.rollout.request
+        self.drift = (
+            DriftMonitor(
+                settings.drift_window,
+                settings.drift_level,
+                settings.drift_resolve_level,
+                settings.drift_max_anomaly_share,
+                top_features=settings.top_features,
+                instance=settings.transactional_id or socket.gethostname(),
+            )
+            if settings.drift_window
+            else None
+        )
         self._open_clients = open_clients
+        # Drift incidents sent with a batch and not yet delivered; a failed delivery
+        # carries them to the next batch (the drift monitor is not rolled back, unlike
+        # the per-key incident tracker, whose messages come again with the re-read rows).
+        self._drift_in_flight: list[tuple[BatchOutcome, list]] = []
+        self._drift_carried: list = []
         self._stop = threading.Event()
         self._server: HealthServer | None = None
 
@@ -144,7 +169,9 @@ class Worker:
     def _start(self) -> bool:
         s = self.settings
         if s.metrics_port:
-            self._server = HealthServer(self.health, s.metrics_host, s.metrics_port).start()
+            self._server = HealthServer(
+                self.health, s.metrics_host, s.metrics_port, admin_token=s.admin_token
+            ).start()
         self.health.set_ready(False, "waiting for a model")
         scorer = self.watcher.wait_for_first(s.wait_for_model_s, self._stop, self.health.beat)
         if scorer is None:
@@ -214,6 +241,7 @@ class Worker:
             "worker_stopped",
             **asdict(self.summary),
             model_version=self.scorer.version if self.scorer else None,
+            drift=self.drift.summary() if self.drift is not None else None,
         )
 
     # -- model and partitions (the loop thread, and the rebalance listener inside poll) --
@@ -229,12 +257,47 @@ class Worker:
             self.metrics.set_gpu_memory(gpu_memory(scorer.device, graph_pools=True))
         structlog.contextvars.bind_contextvars(model_version=scorer.version)  # on every log line
         self.summary.versions.append(scorer.version)
+        if self.drift is not None:
+            self.drift.model_changed(scorer.manifest)
         if previous:
             self.summary.reloads += 1
             self.metrics.reloads.labels(result="swapped", reason="").inc()
         log.info(
             "model_serving", version=scorer.version, previous=previous, device=str(self.device)
         )
+
+    def _next_model(self) -> Scorer | None:
+        """The model to swap in now, if any: a new checkpoint from the watcher (at once,
+        or once its shadow run promotes it: worker/shadow.py)."""
+        pending = self.watcher.take()
+        if pending is not None:
+            pending = self.rollout.offer(pending, self.scorer)
+        decided = self.rollout.decide()
+        if decided is None:
+            return pending
+        candidate, verdict = decided
+        return self._apply_verdict(candidate, verdict) or pending
+
+    def _apply_verdict(self, candidate: Scorer, verdict: Verdict) -> Scorer | None:
+        if verdict.promote:
+            log.info(
+                "shadow_promoted",
+                version=candidate.version,
+                by=verdict.decided_by,
+                detail=verdict.detail,
+            )
+            return candidate
+        self.watcher.refused[candidate.version] = verdict.reason
+        self.metrics.reloads.labels(result="refused", reason=verdict.reason).inc()
+        log.error(
+            "model_refused",
+            version=candidate.version,
+            reason=verdict.reason,
+            detail=verdict.detail,
+            by=verdict.decided_by,
+            action="keeping the serving model",
+        )
+        return None
 
     def partitions_changed(self, held: set, assigned: set | None = None) -> None:
         """The rebalance listener reports the partitions held now (and, on an
@@ -281,7 +344,7 @@ class Worker:
             if self.clients is None:
                 self._connect()
                 continue
-            pending = self.watcher.take()
+            pending = self._next_model()
             if pending is not None:
                 self.flush(reason="model swap")  # the batch in hand is scored by the model it met
                 self._serve(pending)
@@ -339,6 +402,7 @@ class Worker:
             tracker=self.incidents,
             with_state=self.settings.incident_state_on,
         )
+        self._observe(outcome)
         if not self._settle(wait="room", unsent=records):
             return False
         try:
@@ -347,6 +411,44 @@ class Worker:
             self._rewind(e, unsent=records)
             return False
         return True
+
+    def _observe(self, outcome: BatchOutcome) -> None:
+        """What watches the serving model's results sees the batch: the candidate in
+        shadow scores it too, and a drift incident that opens or resolves goes out with
+        the batch's outputs."""
+        scored, outcome.scored = outcome.scored, None  # not kept while in flight
+        drift, self._drift_carried = self._drift_carried, []
+        if scored is not None:
+            self.rollout.observe(scored.vectors, scored.scores, outcome.compute_s)
+        if scored is not None and self.drift is not None:
+            drift += self._watch_drift(scored)
+        if drift:
+            outcome.incidents += drift
+            self._drift_in_flight.append((outcome, drift))
+
+    def _watch_drift(self, scored) -> list:
+        """The batch's p-values to the drift monitor; the drift incidents to send."""
+        out = []
+        topic = self.settings.input_topic
+        now_ms = int(time.time() * 1000)
+        for t in self.drift.observe(topic, scored.scores.p_values, scored.vectors, now_ms):
+            self.metrics.drift_incidents.labels(topic=t.topic, status=t.status).inc()
+            log.warning(
+                "drift_opened" if t.status == "open" else "drift_resolved",
+                topic=t.topic,
+                incident_id=t.incident_id,
+                statistic=round(self.drift.topics[topic].statistic, 2),
+                anomaly_share=round(self.drift.topics[topic].anomaly_share, 4),
+                features=self.drift.moved_features(self.drift.topics[topic]),
+            )
+            if self.settings.incidents_on:
+                out.append(t.output)
+        state = self.drift.topics[topic]
+        if state.tested:
+            self.metrics.drift_statistic.labels(topic=topic).set(state.statistic)
+            self.metrics.drift_anomaly_share.labels(topic=topic).set(state.anomaly_share)
+        self.metrics.drift_open.labels(topic=topic).set(1 if state.open else 0)
+        return out
 
     def _settle(self, wait: str = "none", unsent: list | None = None) -> bool:
         """Count and commit what finished delivering; on a failure, rewind.
@@ -371,6 +473,9 @@ class Worker:
         dropped = self.delivery.abandon(self.clients.producer) + unsent + self.batcher.clear()
         if self.incidents is not None:
             self.incidents.rollback()  # back to the last delivered batch: its records come again
+        for _, drift in self._drift_in_flight:
+            self._drift_carried += drift
+        self._drift_in_flight = []
         firsts = first_offsets(dropped)
         log.error(
             "publish_failed",
@@ -395,6 +500,8 @@ class Worker:
             self.incidents.settled()
             self.metrics.incident_keys.set(len(self.incidents.states))
             self.metrics.incidents_open.set(self.incidents.open_incidents())
+        if self._drift_in_flight:
+            self._drift_in_flight = [(o, d) for o, d in self._drift_in_flight if o is not outcome]
         if self.scorer.device.type == "cuda":
             self.metrics.set_gpu_memory(gpu_memory(self.scorer.device))
         log.debug(

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -134,6 +134,42 @@ class WorkerSettings(BaseSettings):
     incident_update_ms: int = Field(default=10_000, ge=0)  # event time
     incident_quiet_ms: int = Field(default=60_000, ge=1)  # event time
     incident_max_keys: int = Field(default=100_000, ge=1)
+
+    # Drift (docs/contract.md#drift): a sliding window of this many records per input
+    # topic, tested every tenth of it; 0 turns the monitor off.
+    drift_window: int = Field(default=2000, ge=0, le=10_000_000)
+    drift_level: float = Field(default=6.0, gt=0)
+    drift_resolve_level: float = Field(default=3.0, gt=0)
+    drift_max_anomaly_share: float = Field(default=0.5, gt=0, le=1)
+    # Shadow rollout (docs/contract.md#shadow-rollout): a new checkpoint is scored beside
+    # the serving one for this many records before it may serve; 0: promoted at once.
+    shadow_records: int = Field(default=0, ge=0)
+    shadow_max_rate_factor: float = Field(default=3.0, ge=1)
+    # Bearer token for POST /shadow (operators promote or refuse the candidate);
+    # unset: the endpoint is off.
+    admin_token: SecretStr | None = None
+
+    @field_validator("drift_window")
+    @classmethod
+    def _drift_window(cls, v: int) -> int:
+        if 0 < v < 10:
+            raise ValueError("0 (off) or at least 10 records")
+        return v
+
+    @field_validator("incident_topic")
+    @classmethod
+    def _incident_topic(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("a topic name, or none")
+        return v.strip()
+
+    @field_validator("drift_resolve_level")
+    @classmethod
+    def _drift_resolve_level(cls, v: float, info: ValidationInfo) -> float:
+        level = info.data.get("drift_level")
+        if level is not None and v > level:
+            raise ValueError(f"must not exceed WORKER_DRIFT_LEVEL ({level})")
+        return v
 
     @property
     def incidents_on(self) -> bool:

@@ -16,9 +16,18 @@ from kafka.structs import OffsetAndMetadata, TopicPartition
 from worker.codec import Codec, Rejected
 from worker.events import build_events, dlq_record
 from worker.incidents import IncidentTracker, Observed, changelog_records, rows_of
-from worker.scoring import Scorer
+from worker.scoring import BatchScores, Scorer
 
 Output = tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]  # key, value, headers
+
+
+@dataclass(frozen=True, slots=True)
+class Scored:
+    """A batch's valid rows and the serving model's results for them, for the loop's
+    observers (drift, shadow); dropped before the outcome is delivered."""
+
+    vectors: np.ndarray  # float32 [B, D], input units
+    scores: BatchScores
 
 
 @dataclass(slots=True)
@@ -37,6 +46,7 @@ class BatchOutcome:
     # for WORKER_INCIDENT_STATE_TOPIC: (partition, key, value or None for a tombstone)
     state: list[tuple[int, bytes, bytes | None]] = field(default_factory=list)
     tracked: Observed | None = None  # what the batch did to the incident tracker
+    scored: Scored | None = None
 
 
 def score_records(
@@ -52,12 +62,13 @@ def score_records(
     tracker, also its incident messages and (with_state) changelog records."""
     t0 = time.perf_counter()
     decoded = codec.decode(records)
-    events, anomalies, tracked = [], 0, None
+    events, anomalies, tracked, scored = [], 0, None, None
     if len(decoded):
         scores = scorer.score_batch(decoded.rows, explain="all" if emit_all else "anomalies")
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
         events = build_events(decoded, scores, scorer, emit_all, now_ms)
         anomalies = int(scores.is_anomaly.sum())
+        scored = Scored(decoded.rows, scores)
         if tracker is not None:
             tracked = tracker.observe(
                 rows_of(decoded, scores, scorer.feature_names, scorer.version)
@@ -76,6 +87,7 @@ def score_records(
         incidents=tracked.messages if tracked else [],
         state=changelog_records(tracked) if tracked and with_state else [],
         tracked=tracked,
+        scored=scored,
     )
 
 

@@ -42,6 +42,10 @@ proxy, to show that the proxy is not the bottleneck.
 --loops "worker;worker, incidents off;passthrough" runs only those loops (JSON and
 float32), prints their table and ratios, and skips the rest.
 
+--shadow-only runs just the drift and shadow CPU loops (tests/bench/_worker_shadow.py):
+the worker with drift off, with defaults, and with a candidate in shadow, over JSON and
+float32 topics, --shadow-rounds times; results: tests/bench/results/worker-shadow.json.
+
 Results: tests/bench/results/worker.json and markdown tables on stderr/stdout.
 """
 
@@ -152,6 +156,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--delay-records", type=int, default=100_000)
     p.add_argument("--delay-only", action="store_true", help="only the delayed-link loops")
+    p.add_argument(
+        "--shadow-only",
+        action="store_true",
+        help="only the CPU loops of drift off / defaults / a candidate in shadow",
+    )
+    p.add_argument("--shadow-rounds", type=int, default=3)
     p.add_argument("--baseline-repo", help="also run python -m worker from this checkout")
     p.add_argument(
         "--baseline-first", action="store_true", help="time the baseline loops first (order check)"
@@ -182,6 +192,8 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-worker-") as tmp:
         tmp = Path(tmp)
         results = {}
+        if args.shadow_only:
+            return _shadow_only(args, argv, info, started, tmp)
         if not args.delay_only:
             with EmbeddedBroker(log_path=tmp / "tansu.log") as broker:
                 results = _run(args, broker, tmp)
@@ -199,6 +211,36 @@ def main(argv: list[str] | None = None) -> dict:
         suffix = "-delay" if args.delay_only else "-loops" if args.loops else ""
         log(f"wrote {write_results(NAME + suffix, results)}")
     print(render_loops(results) if args.loops else render(results))
+    return results
+
+
+def _shadow_only(args, argv, info: dict, started: float, tmp: Path) -> dict:
+    from tests.bench._worker_shadow import run_shadow_loops
+
+    with EmbeddedBroker(log_path=tmp / "tansu.log") as broker:
+        admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap)
+        try:
+            loops = run_shadow_loops(args, broker, admin, tmp, train, make_data)
+        finally:
+            admin.close()
+    results = {
+        "benchmark": NAME + "-shadow",
+        "date": now_iso(),
+        "command": "python -m tests.bench.worker " + " ".join(argv or []),
+        "machine": {**info, "load_avg_1m_at_end": round(os.getloadavg()[0], 2)},
+        "wall_s": round(time.monotonic() - started, 1),
+        **loops,
+    }
+    if not args.no_write:
+        log(f"wrote {write_results(NAME + '-shadow', results)}")
+    rows = [[enc, *m.values()] for enc, m in loops["cpu_us_per_record_median"].items()]
+    print(markdown_table(["topic", *next(iter(loops["cpu_us_per_record_median"].values()))], rows))
+    print(
+        markdown_table(
+            ["ratio", "value", "goal", "met"],
+            [[r["name"], r["value"], r["goal"], r["met"]] for r in loops["ratios"]],
+        )
+    )
     return results
 
 

@@ -892,6 +892,11 @@ def test_soak_steady_stream_with_reloads_does_not_leak(
     events = scored_ids(broker.bootstrap, topics["output"], n_input)
     lost, dups = loss_and_duplicates(events, expected)
     swaps = sum(1 for e in log_events(log) if e.get("event") == "model_serving") - 1
+    # stationary traffic: no drift incident (docs/contract.md#drift), none published
+    drift_opened = [e for e in log_events(log) if e.get("event") == "drift_opened"]
+    stopped = [e for e in log_events(log) if e.get("event") == "worker_stopped"][-1]
+    drift_tests = stopped["drift"][topics["input"]]["tests"]
+    incidents = read_topic(broker.bootstrap, topics["incidents"], quiet_s=1)
     warm = [s for s in samples if s["elapsed"] >= size.warmup_s]
     base, end = warm[:3], warm[-3:]
     rss0 = sum(s["rss_mb"] for s in base) / len(base)
@@ -912,6 +917,10 @@ def test_soak_steady_stream_with_reloads_does_not_leak(
         threads=f"{thr0}→{thr1}",
     )
     assert lost == 0
+    assert drift_opened == [] and incidents == []
+    # a window is tested once it fills under one model: 2 000 records, 6.7 s at 300/s,
+    # longer than the short run's reload interval
+    assert drift_tests > 0 or size.reload_every_s * 300 < 2000
     assert swaps >= reloads - 1
     assert growth <= 0.05, f"resident memory grew {100 * growth:.1f}% after warm-up"
     assert fds1 <= fds0 + 2, f"file descriptors {fds0} → {fds1}"

@@ -6,9 +6,11 @@ import os
 import subprocess
 import sys
 
+import orjson
+
 from tests.integration.conftest import FEATURES
 from tests.integration.kafka_helpers import ROOT, producer
-from tests.support import normal_rows
+from tests.support import normal_rows, stop_worker, wait_for
 from training.from_kafka import read_snapshot
 from worker import codec
 from worker.checkpoint import list_versions, publish, read_latest
@@ -139,3 +141,58 @@ def test_missing_topic_is_one_line(broker, tmp_path):
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and "Traceback" not in r.stderr
     assert not (tmp_path / "m" / "LATEST").exists()
+
+
+def test_a_drift_incident_retrains_on_the_records_since_it_opened(broker, topics, tmp_path):
+    """Periodic mode with --incident-topic: the first cycle at once (the timer), then a
+    drift incident on the incident topic retrains on the records after its opening."""
+    out = tmp_path / "models"
+    t0 = 1_764_000_000_000
+    p = producer(broker.bootstrap)
+    old = normal_rows(600, 40)
+    for i, row in enumerate(old):
+        p.send(topics["input"], value=codec.encode_json(row), timestamp_ms=t0 + i)
+    p.flush()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TRAINER_", "KAFKA_"))}
+    env.update(KAFKA_BOOTSTRAP_SERVERS=broker.bootstrap, TRAINER_INPUT_TOPIC=topics["input"])
+    log = tmp_path / "trainer.log"
+    flags = ["--out", str(out), "--max-seconds", "30", "--epochs", "10", "--every-seconds", "3600"]
+    flags += ["--incident-topic", topics["incidents"], "--drift-delay-seconds", "1"]
+    with open(log, "wb") as sink:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "training", "--from-kafka", *flags],
+            env=env,
+            cwd=ROOT,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        v1 = wait_for(lambda: read_latest(out), 120, 0.5, "the first cycle", proc)
+        # the operating point moves; the worker reports drift on the incident topic
+        new = normal_rows(800, 41)
+        new[:, 3] += 1.0
+        for i, row in enumerate(new):
+            p.send(topics["input"], value=codec.encode_json(row), timestamp_ms=t0 + 10_000 + i)
+        p.send(topics["input"], value=codec.encode_json(new[0]), timestamp_ms=t0 + 5_000)
+        incident = {"kind": "drift", "status": "open", "topic": topics["input"]}
+        p.send(topics["incidents"], value=orjson.dumps({**incident, "started_at_ms": t0 + 9_000}))
+        p.flush()
+        v2 = wait_for(
+            lambda: read_latest(out) not in (None, v1) and read_latest(out),
+            120,
+            0.5,
+            "a retrain on drift",
+            proc,
+        )
+        assert stop_worker(proc) == 0
+    finally:
+        p.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = log.read_text()
+    snapshots = [orjson.loads(line) for line in text.splitlines() if '"snapshot"' in line]
+    assert [s.get("since_ms") for s in snapshots] == [None, t0 + 9_000], text[-3000:]
+    assert snapshots[1]["records"] == 800  # only the records after the opening
+    assert snapshots[1]["rows"] == 800  # all of them: the live model no longer fits
+    assert v2 in text.split()

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from training.settings import TrainerSettings
-from worker import checkpoint, codec
+from worker import checkpoint, codec, shadow
 from worker.checkpoint import CheckpointError, Manifest
 from worker.metrics import WorkerMetrics
 from worker.settings import KafkaSettings, WorkerSettings
@@ -42,6 +42,11 @@ def test_every_refusal_reason_is_documented():
     assert len(reasons) >= 7
     text = section("Refusal reasons")
     assert [r for r in reasons if f"`{r}`" not in text] == []
+
+
+def test_every_shadow_refusal_reason_is_documented():
+    text = section("Refusal reasons")
+    assert [r for r in shadow.REFUSAL_REASONS if f"`{r}`" not in text] == []
 
 
 def test_every_manifest_field_is_documented():

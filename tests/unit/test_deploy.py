@@ -252,6 +252,8 @@ def test_trainer_retrains_from_the_stream_into_the_shared_volume(compose, monkey
     svc = compose["services"]["trainer"]
     settings = build_settings(monkeypatch, TrainerSettings, env_of(svc), svc["command"][1:])
     assert settings.from_kafka and settings.every_seconds
+    worker = build_settings(monkeypatch, WorkerSettings, env_of(compose["services"]["worker"]))
+    assert settings.incident_topic == worker.incident_topic  # retrains on the workers' drift
 
     def mount_of(svc: dict) -> dict[str, str]:
         return {v.split(":")[1]: v.split(":")[0] for v in svc["volumes"]}
