@@ -36,7 +36,11 @@ def train_tiny(seed: int = 0):
     return fit(
         normal_rows(1000, seed, dim=DIM),
         FEATURES,
-        TrainConfig(max_epochs=25, seed=seed, penalty_weight=0.01),
+        # The reconstruction score: on normal_rows' traffic the knn default's false
+        # positives cluster (1.8 % at a 1 % target from 1 000 rows), enough to open a
+        # stray incident in the incident tests, which test the mechanics, not the
+        # detector (the demo's test runs the default).
+        TrainConfig(max_epochs=25, seed=seed, penalty_weight=0.01, score="mae"),
     )
 
 
