@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import orjson
 from kafka import KafkaConsumer, KafkaProducer
+from kafka.errors import KafkaError
 from kafka.structs import TopicPartition
 
 from deploy.embedded_broker import EmbeddedBroker, free_port, stop_process
@@ -284,6 +285,7 @@ def run(args) -> int:
             shutil.rmtree(old)
     stop = threading.Event()
     worker: subprocess.Popen | None = None
+    producer = None
     broker = EmbeddedBroker(log_path=out / "broker.log")
     try:
         t0 = time.monotonic()
@@ -420,6 +422,15 @@ def run(args) -> int:
         return 130
     finally:
         stop.set()
+        if producer is not None:
+            # Interrupted mid-stream: records may wait in the producer. Left to
+            # kafka-python's exit handler, close() would wait for them (up to its
+            # 120 s delivery timeout) after the broker is gone; this drops its exit
+            # handler, and its sender is a daemon thread.
+            try:
+                producer.close(timeout=1)
+            except KafkaError:  # what could not be flushed in that second is abandoned
+                pass
         if worker is not None:
             stop_process(worker, timeout_s=30)
         broker.stop()
