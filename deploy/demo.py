@@ -551,6 +551,9 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM (a killed `make demo`, a CI timeout) cleans up like Ctrl-C: the broker and
     # the worker run in their own sessions and would otherwise outlive us.
     signal.signal(signal.SIGTERM, _interrupt)
+    # Ctrl-C too, also where the demo was started with SIGINT ignored (a non-interactive
+    # shell's background job, nohup): Python keeps an inherited SIG_IGN.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     return run(args)
 
 
