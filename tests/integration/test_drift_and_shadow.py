@@ -20,6 +20,7 @@ from tests.integration.kafka_helpers import (
     ROOT,
     committed_offsets,
     events_of,
+    incidents_of,
     log_events,
     producer,
     read_topic,
@@ -73,7 +74,7 @@ def test_a_stream_that_shifts_opens_one_drift_incident(broker, topics, model_dir
     ]
     assert len(incidents) == 1
     record = incidents[0]
-    body = orjson.loads(record.value)
+    [body] = incidents_of([record])  # valid under worker/incident.schema.json
     assert record.key == f"drift/{topics['input']}".encode()
     assert (body["kind"], body["status"], body["topic"]) == ("drift", "open", topics["input"])
     assert body["model_version"] == worker.scorer.version
