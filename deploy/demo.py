@@ -308,6 +308,7 @@ def run(args) -> int:
             "WORKER_HEARTBEAT_INTERVAL_MS": "1000",
             "WORKER_SHADOW_RECORDS": str(demo_drift.SHADOW_RECORDS),
             "WORKER_SHADOW_MAX_RATE_FACTOR": str(demo_drift.SHADOW_MAX_RATE_FACTOR),
+            "WORKER_DRIFT_LEVEL": str(demo_drift.DRIFT_LEVEL),
         }
         with open(logs["worker"], "wb") as log:
             worker = subprocess.Popen(
