@@ -39,10 +39,13 @@ def shift_text() -> str:
 
 
 # Shadow in the demo: 2 000 rows (5 s of the default stream; compose and Kubernetes
-# run 10 000). The demo's traffic is ~5 % labelled anomalies, far more than a plant's:
-# a model at its 1 % target flags ~4 % of it, so the rate band leaves room (F = 6).
+# run 10 000). The demo's traffic is ~5 % labelled anomalies, far more than a plant's,
+# and they come in episodes: a model at its 1 % target flags 3–5 % of it on average
+# and up to 10.5 % of some 2 000 rows (measured on four streams), which the band
+# [t/F, t·F] must hold: F = 12. It still refuses a candidate that flags nearly
+# everything (one trained on anomalies) or nearly nothing.
 SHADOW_RECORDS = 2000
-SHADOW_MAX_RATE_FACTOR = 6.0
+SHADOW_MAX_RATE_FACTOR = 12.0
 # The drift test's level (docs/contract.md#drift) assumes rows independent given the
 # model. The demo's rows are not: a slowly moving load (AR(1), 0.8 a reading) and 5 %
 # anomalous rows, some scored just above the threshold. A model that fits them reads

@@ -43,7 +43,9 @@ def test_demo_scores_every_record_reloads_closes_the_drift_loop_and_reports(tmp_
             "-m",
             "deploy.demo",
             "--records",
-            "6000",  # the reload at 3000 serves after 2 000 rows in shadow, ~1 s before the shift
+            # the reload at 4000 serves after 2 000 rows in shadow (and the worker's poll
+            # and verification: ~0.1 s), ~2 s before the shift: shadow sees no shifted row
+            "8000",
             "--rate",
             "1000",
             # the default 8 000 training rows: with 3 000 the knn score's reference is
@@ -66,14 +68,14 @@ def test_demo_scores_every_record_reloads_closes_the_drift_loop_and_reports(tmp_
     )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["scored"] == summary["records"] > 6000  # none lost, the drift act's too
+    assert summary["scored"] == summary["records"] > 8000  # none lost, the drift act's too
     drift = summary["drift"]
     assert len(summary["versions"]) == 3, "the half-way checkpoint, then the drift retrain"
     assert summary["versions"][2] == drift["retrained"]
     # far above chance: flagging 1 % of rows at random gives recall ~0.01 and precision
     # ~0.06 (the anomalous share of rows); this size measures ~0.61 and ~0.73
     first = summary["phases"]["before the shift"]
-    assert first["records"] == 6000
+    assert first["records"] == 8000
     assert first["recall"] > 0.15 and first["precision"] > 0.3, first
     assert (out / "timeline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Traceback" not in r.stdout + r.stderr
