@@ -1,11 +1,14 @@
-"""make demo (python -m deploy.demo): the whole product on an embedded broker, in about two minutes.
+"""make demo (python -m deploy.demo): the whole product on an embedded broker, in under three minutes.
 
 Starts a Kafka-protocol broker (Tansu) on loopback, trains a model on normal sensor
-traffic, starts the worker as its own process, streams labelled mixed traffic of
-several machines (one Kafka key each; one reading per machine per second of event
-time) at a steady rate, retrains and publishes a new checkpoint half-way (hot
-reload), prints alerts and incidents as they arrive, and ends with a summary (record-
-and episode-level) and a PNG timeline. Ctrl-C at any moment stops everything it started.
+traffic, starts the worker and the trainer (periodic, retraining on drift) as their
+own processes, streams labelled mixed traffic of several machines (one Kafka key
+each; one reading per machine per second of event time) at a steady rate, publishes
+a retrained checkpoint half-way (hot reload, after shadow), then moves the machines to
+a new operating point: drift opens, the trainer retrains, shadow promotes, drift
+resolves (deploy/demo_drift.py). Prints alerts, incidents and the loop's steps as
+they happen, and ends with a summary (record- and episode-level, per phase of the
+stream) and a PNG timeline. Ctrl-C at any moment stops everything it started.
 """
 
 from __future__ import annotations
@@ -27,8 +30,10 @@ from kafka import KafkaConsumer, KafkaProducer
 from kafka.errors import KafkaError
 from kafka.structs import TopicPartition
 
+from deploy import demo_drift, demo_report
+from deploy.demo_report import SAMPLE_MS, T_START_MS
 from deploy.embedded_broker import EmbeddedBroker, free_port, stop_process
-from deploy.sensor_stream import KINDS, SENSORS, SensorStream
+from deploy.sensor_stream import KINDS, SENSORS, Episode, SensorStream
 from training.config import TrainConfig
 from training.fit import fit
 from worker.checkpoint import publish
@@ -44,8 +49,6 @@ TOPICS = {
 }
 INPUT_PARTITIONS = 3
 MACHINES = 4
-SAMPLE_MS = 1_000  # event time between two readings of one machine
-T_START_MS = 1_764_230_400_000  # event time of the first readings (2025-11-27 08:00 UTC)
 
 
 @dataclass
@@ -59,6 +62,9 @@ class Seen:
     threshold: dict[str, float] = field(default_factory=dict)
     sent_at_ms: np.ndarray | None = None  # wall time each input record was sent
     incidents: dict[str, list[dict]] = field(default_factory=dict)  # id → its messages
+    drift: list[tuple[float, dict]] = field(default_factory=list)  # (ms received, message)
+    first_seen_ms: dict[str, float] = field(default_factory=dict)  # version → first event
+    per_version: dict[str, int] = field(default_factory=dict)  # version → events
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -104,9 +110,13 @@ def _consume(
                 for rec in records:
                     ev = orjson.loads(rec.value)
                     i = int(ev["id"])
+                    version = ev["model"]["version"]
                     with seen.lock:
+                        if i not in seen.score:
+                            seen.per_version[version] = seen.per_version.get(version, 0) + 1
+                        seen.first_seen_ms.setdefault(version, now)
                         seen.score[i] = ev["score"]
-                        seen.version[i] = ev["model"]["version"]
+                        seen.version[i] = version
                         seen.threshold[ev["model"]["version"]] = ev["threshold"]
                         seen.latency_ms.append(now - seen.sent_at_ms[i])
                         if ev["is_anomaly"]:
@@ -131,20 +141,34 @@ def _consume(
         consumer.close()
 
 
-def _machine_rows(stream_seed: int, n: int):
+def _machine_rows(
+    stream_seed: int,
+    n: int,
+    load_shift: float = 0.0,
+    setpoints: dict[str, float] | None = None,
+    first: int = 0,
+):
     """n records of MACHINES machines, interleaved (record i is machine i % MACHINES's
-    reading i // MACHINES): rows, labels, kinds, keys, event times, and each machine's
-    episodes."""
+    reading first + i // MACHINES): rows, labels, kinds, keys, event times, and each
+    machine's episodes."""
     per = -(-n // MACHINES)
-    parts = [SensorStream(seed=stream_seed + 1000 * m).mixed(per) for m in range(MACHINES)]
+    parts = [
+        SensorStream(seed=stream_seed + 1000 * m, load_shift=load_shift, setpoints=setpoints).mixed(
+            per
+        )
+        for m in range(MACHINES)
+    ]
     i = np.arange(n)
     m, j = i % MACHINES, i // MACHINES
     x = np.stack([parts[a][0][b] for a, b in zip(m, j, strict=True)])
     labels = np.asarray([parts[a][1][b] for a, b in zip(m, j, strict=True)])
     kinds = [parts[a][2][b] for a, b in zip(m, j, strict=True)]
     keys = [f"machine-{a}".encode() for a in m]
-    ts = T_START_MS + j * SAMPLE_MS
-    episodes = {f"machine-{a}": parts[a][3] for a in range(MACHINES)}
+    ts = T_START_MS + (first + j) * SAMPLE_MS
+    episodes = {
+        f"machine-{a}": [Episode(e.kind, e.sensor, first + e.start, e.length) for e in parts[a][3]]
+        for a in range(MACHINES)
+    }
     return x, labels, kinds, keys, ts, episodes
 
 
@@ -163,6 +187,11 @@ def _consume_incidents(bootstrap: str, seen: Seen, stop: threading.Event, to_pri
             for records in consumer.poll(timeout_ms=200).values():
                 for rec in records:
                     msg = orjson.loads(rec.value)
+                    if msg["kind"] == "drift":
+                        with seen.lock:
+                            seen.drift.append((time.time() * 1000, msg))
+                        _say(_drift_line(msg))
+                        continue
                     with seen.lock:
                         history = seen.incidents.setdefault(msg["incident_id"], [])
                         fresh = all(m["sequence"] != msg["sequence"] for m in history)
@@ -190,86 +219,21 @@ def _consume_incidents(bootstrap: str, seen: Seen, stop: threading.Event, to_pri
         consumer.close()
 
 
-def episode_report(incidents: dict[str, list[dict]], episodes: dict) -> dict:
-    """Episode-level detection: an incident matches an episode of its key when its
-    [started_at, ended_at] event-time span overlaps the episode's rows (an open
-    incident: up to its latest update). Spikes (one record) cannot open an incident
-    and are left out."""
-    last = {iid: max(msgs, key=lambda m: m["sequence"]) for iid, msgs in incidents.items()}
-    opened = {
-        iid: min(msgs, key=lambda m: m["sequence"])["updated_at_ms"]
-        for iid, msgs in incidents.items()
-    }
-    spans = [
-        (m["key"], m["started_at_ms"], m["ended_at_ms"] or m["updated_at_ms"], iid)
-        for iid, m in last.items()
-    ]
-    matched: set[str] = set()
-    detected, exactly_one, to_open, total = 0, 0, [], 0
-    for key, eps in episodes.items():
-        for ep in eps:
-            if ep.length < 2:
-                continue
-            total += 1
-            lo = T_START_MS + ep.start * SAMPLE_MS
-            hi = T_START_MS + (ep.start + ep.length - 1) * SAMPLE_MS
-            hits = [iid for k, a, b, iid in spans if k == key and a <= hi and b >= lo]
-            matched.update(hits)
-            if hits:
-                detected += 1
-                exactly_one += len(hits) == 1
-                to_open.append((min(opened[i] for i in hits) - lo) / 1000)
-    return {
-        "episodes": total,
-        "detected": detected,
-        "exactly_one": exactly_one,
-        "false_incidents": len(last) - len(matched),
-        "incidents": len(last),
-        "time_to_open_s": to_open,
-    }
-
-
-def _plot(
-    path: Path,
-    scores: np.ndarray,
-    labels: np.ndarray,
-    versions: list[str],
-    thresholds: dict,
-    reload_at: int,
-):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(14, 5))
-    t = np.arange(len(scores))
-    ok = np.isfinite(scores)
-    ax.scatter(
-        t[ok & (labels == 0)], scores[ok & (labels == 0)], s=2, c="tab:blue", label="normal traffic"
+def _drift_line(msg: dict) -> str:
+    """A drift incident (docs/contract.md#drift-incidents) as the demo prints it."""
+    t = "-" if msg["statistic"] is None else f"{msg['statistic']:.1f}"
+    moved = ", ".join(f"{f['name']} {f['shift']:+.1f}" for f in msg["top_features"])
+    if msg["status"] == "open":
+        return (
+            f"⚠ DRIFT OPEN     on topic {msg['topic']}: the serving model {msg['model_version']} no longer "
+            f"fits the stream (T = {t}, |T| ≥ {msg['level']:g} opens; {msg['anomaly_share']:.1%} of the "
+            f"last {msg['window']['records']} records anomalous); moved most (scaler units): {moved}"
+        )
+    return (
+        f"⚠ DRIFT RESOLVED on topic {msg['topic']} after "
+        f"{(msg['ended_at_ms'] - msg['started_at_ms']) / 1000:.0f} s: model {msg['model_version']} fits "
+        f"(T = {t} for a full window, |T| < {msg['level']:g})"
     )
-    ax.scatter(
-        t[ok & (labels == 1)],
-        scores[ok & (labels == 1)],
-        s=8,
-        c="tab:red",
-        label="injected anomaly",
-    )
-    for v in dict.fromkeys(versions):
-        idx = np.flatnonzero(np.asarray(versions) == v)
-        if len(idx) and v in thresholds:
-            ax.hlines(
-                thresholds[v], idx.min(), idx.max(), colors="black", linestyles="--", linewidth=1
-            )
-    ax.axvline(reload_at, color="tab:green", linewidth=1, label="retrained model published")
-    ax.set_yscale("log")
-    ax.set_xlabel("record")
-    ax.set_ylabel("anomaly score (log)")
-    ax.set_title("cae-stream demo: score timeline (dashed: threshold of the serving model)")
-    ax.legend(loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def run(args) -> int:
@@ -283,8 +247,10 @@ def run(args) -> int:
             import shutil
 
             shutil.rmtree(old)
+    drift_act = args.drift_records > 0
     stop = threading.Event()
     worker: subprocess.Popen | None = None
+    trainer: subprocess.Popen | None = None
     producer = None
     broker = EmbeddedBroker(log_path=out / "broker.log")
     try:
@@ -308,6 +274,22 @@ def run(args) -> int:
         v1 = publish(model_dir, first.model, first.manifest)
         _say(f"▶ trained on {len(train_rows)} normal rows of {len(SENSORS)} sensors → model {v1}")
 
+        logs = {"worker": out / "worker.log"}
+        if drift_act:
+            logs["trainer"] = out / "trainer.log"
+            trainer = demo_drift.start_trainer(
+                broker.bootstrap,
+                TOPICS["input"],
+                TOPICS["incidents"],
+                model_dir,
+                logs["trainer"],
+                args.drift_delay_seconds,
+                args.seed,
+            )
+            _say(
+                f"▶ trainer started (pid {trainer.pid}): python -m training --from-kafka, retraining when "
+                f"a drift incident opens on topic '{TOPICS['incidents']}'; log {logs['trainer']}"
+            )
         metrics_port = free_port()
         env = {
             **{k: v for k, v in os.environ.items() if not k.startswith(("WORKER_", "KAFKA_"))},
@@ -324,8 +306,11 @@ def run(args) -> int:
             "WORKER_RELOAD_POLL_S": "0.5",
             "WORKER_SESSION_TIMEOUT_MS": "6000",
             "WORKER_HEARTBEAT_INTERVAL_MS": "1000",
+            "WORKER_SHADOW_RECORDS": str(demo_drift.SHADOW_RECORDS),
+            "WORKER_SHADOW_MAX_RATE_FACTOR": str(demo_drift.SHADOW_MAX_RATE_FACTOR),
+            "WORKER_DRIFT_LEVEL": str(demo_drift.DRIFT_LEVEL),
         }
-        with open(out / "worker.log", "wb") as log:
+        with open(logs["worker"], "wb") as log:
             worker = subprocess.Popen(
                 [sys.executable, "-m", "worker"],
                 env=env,
@@ -334,8 +319,11 @@ def run(args) -> int:
                 stderr=subprocess.STDOUT,
             )
         _say(
-            f"▶ worker started (pid {worker.pid}); metrics on http://127.0.0.1:{metrics_port}/metrics, log {out / 'worker.log'}"
+            f"▶ worker started (pid {worker.pid}); metrics on http://127.0.0.1:{metrics_port}/metrics, log {logs['worker']}"
         )
+        loop_log = demo_drift.LoopLog()
+        follower = demo_drift.LogFollower(logs, loop_log, stop, _say, args.drift_delay_seconds)
+        follower.start()
 
         # The retrained model (fresh normal traffic, another seed) is fitted now, so
         # training does not compete with the stream for the CPU; it is published half-way.
@@ -345,8 +333,27 @@ def run(args) -> int:
             _train_config(args.seed + 1),
         )
         _wait_for_partitions(metrics_port, worker)
+        if trainer is not None and not demo_drift.wait_until_idle(logs["trainer"], trainer):
+            print(f"demo FAILED: the trainer did not start; see {logs['trainer']}", file=sys.stderr)
+            return 1
         x, labels, kinds, keys, ts, episodes = _machine_rows(args.seed + 7, args.records)
-        seen = Seen(sent_at_ms=np.zeros(args.records))
+        if drift_act:  # the same machines at the new operating point, their clocks going on
+            more = _machine_rows(
+                args.seed + 8,
+                args.drift_records,
+                demo_drift.LOAD_SHIFT,
+                demo_drift.SETPOINTS,
+                first=-(-args.records // MACHINES),
+            )
+            x2, labels2, kinds2, keys2, ts2, episodes2 = more
+            x, labels, ts = (
+                np.concatenate([x, x2]),
+                np.concatenate([labels, labels2]),
+                np.concatenate([ts, ts2]),
+            )
+            kinds, keys = kinds + kinds2, keys + keys2
+            episodes = {k: episodes[k] + episodes2[k] for k in episodes}
+        seen = Seen(sent_at_ms=np.zeros(len(x)))
         consumer = threading.Thread(
             target=_consume,
             args=(broker.bootstrap, seen, labels, kinds, stop, args.print_alerts),
@@ -359,24 +366,38 @@ def run(args) -> int:
             daemon=True,
         )
         watcher.start()
-        n_episodes = sum(len(e) for e in episodes.values())
+        act1 = labels[: args.records]
+        n_episodes = sum(
+            ep.start < -(-args.records // MACHINES) for e in episodes.values() for ep in e
+        )
         producer = KafkaProducer(bootstrap_servers=broker.bootstrap, acks="all", linger_ms=5)
         _say(
             f"▶ streaming {args.records} records of {MACHINES} machines (Kafka keys machine-0…{MACHINES - 1}, "
-            f"one reading a second of event time) at {args.rate}/s with {int(labels.sum())} labelled anomalous rows "
-            f"({n_episodes} episodes: {', '.join(KINDS)})\n"
+            f"one reading a second of event time) at {args.rate}/s with {int(act1.sum())} labelled anomalous rows "
+            f"({n_episodes} episodes: {', '.join(KINDS)})"
+            + (
+                f"; then the machines move to a new operating point until the drift loop has run "
+                f"(at most {args.drift_records} records)\n"
+                if drift_act
+                else "\n"
+            )
         )
         half = args.records // 2
         new_version: list[str] = []
         start = time.monotonic()
-        with tqdm(
-            total=args.records, unit="rec", desc="streaming", file=sys.stderr, disable=None
-        ) as bar:
-            for i in range(args.records):
+        sent = 0
+        with tqdm(total=len(x), unit="rec", desc="streaming", file=sys.stderr, disable=None) as bar:
+            for i in range(len(x)):
+                if i == args.records:
+                    _say(
+                        f"▶ record {i}: the machines move to a new operating point "
+                        f"({demo_drift.shift_text()}) and stay there"
+                    )
                 seen.sent_at_ms[i] = time.time() * 1000
                 producer.send(
                     TOPICS["input"], key=keys[i], value=encode_json(x[i], id=str(i), ts=int(ts[i]))
                 )
+                sent = i + 1
                 if i == half:
                     new_version.append(publish(model_dir, retrained.model, retrained.manifest))
                     _say(
@@ -384,38 +405,47 @@ def run(args) -> int:
                     )
                 if i % 50 == 49:
                     bar.update(50)
+                    if i >= args.records and _loop_done(seen, loop_log, args.after_promotion):
+                        break
                     ahead = (i + 1) / args.rate - (time.monotonic() - start)
                     if ahead > 0:
                         time.sleep(ahead)
-            bar.update(args.records - bar.n)
+            bar.update(sent - bar.n)
         producer.flush()
         producer.close()
         stream_s = time.monotonic() - start
         deadline = time.monotonic() + 60
-        while (
-            len(seen.score) < args.records and time.monotonic() < deadline and worker.poll() is None
-        ):
+        while len(seen.score) < sent and time.monotonic() < deadline and worker.poll() is None:
             time.sleep(0.2)
         time.sleep(1.0)  # the last batch's incident messages
         stop.set()
         consumer.join(timeout=10)
         watcher.join(timeout=10)
+        follower.join(timeout=10)
         worker.send_signal(signal.SIGTERM)
         code = worker.wait(timeout=60)
         worker = None
-        return _summarise(
+        if trainer is not None:
+            trainer_code = stop_process(trainer, timeout_s=30)
+            trainer = None
+            if trainer_code != 0:
+                code = code or trainer_code
+        return demo_report.summarise(
             args,
             out,
             seen,
-            labels,
-            kinds,
-            episodes,
+            loop_log,
+            labels[:sent],
+            kinds[:sent],
+            _episodes_sent(episodes, keys[:sent], ts[:sent]),
             stream_s,
             half,
+            args.records if drift_act and sent > args.records else None,
             v1,
             new_version,
             code,
             time.monotonic() - t0,
+            MACHINES,
         )
     except KeyboardInterrupt:
         print("\ninterrupted: stopping the worker and the broker", file=sys.stderr)
@@ -431,9 +461,35 @@ def run(args) -> int:
                 producer.close(timeout=1)
             except KafkaError:  # what could not be flushed in that second is abandoned
                 pass
-        if worker is not None:
-            stop_process(worker, timeout_s=30)
+        for proc in (worker, trainer):
+            if proc is not None:
+                stop_process(proc, timeout_s=30)
         broker.stop()
+
+
+def _loop_done(seen: Seen, loop_log: demo_drift.LoopLog, after_promotion: int) -> bool:
+    """The drift act may end: its drift incident resolved, and the version the trainer
+    retrained on drift has scored `after_promotion` records."""
+    with seen.lock:
+        resolved = any(m["status"] == "resolved" for _, m in seen.drift)
+        counts = dict(seen.per_version)
+    published = [e["version"] for _, e in loop_log.find("trainer", "published")]
+    return resolved and any(counts.get(v, 0) >= after_promotion for v in published)
+
+
+def _episodes_sent(episodes: dict, keys: list[bytes], ts: np.ndarray) -> dict:
+    """The episodes whose every reading was sent (the drift act ends when its loop has run)."""
+    last: dict[str, int] = {}
+    for k, t in zip(keys, ts.tolist(), strict=True):
+        last[k.decode()] = max(last.get(k.decode(), 0), t)
+    return {
+        key: [
+            ep
+            for ep in eps
+            if T_START_MS + (ep.start + ep.length - 1) * SAMPLE_MS <= last.get(key, -1)
+        ]
+        for key, eps in episodes.items()
+    }
 
 
 def _wait_for_partitions(port: int, worker: subprocess.Popen, timeout_s: float = 60) -> None:
@@ -451,83 +507,6 @@ def _wait_for_partitions(port: int, worker: subprocess.Popen, timeout_s: float =
         time.sleep(0.2)
 
 
-def _summarise(
-    args, out, seen, labels, kinds, episodes, stream_s, half, v1, new_version, worker_code, total_s
-) -> int:
-    n = args.records
-    scores = np.full(n, np.nan)
-    for i, s in seen.score.items():
-        scores[i] = s
-    flagged = np.zeros(n, dtype=bool)
-    flagged[list(seen.flagged)] = True
-    tp = int((flagged & (labels == 1)).sum())
-    fp = int((flagged & (labels == 0)).sum())
-    fn = int((~flagged & (labels == 1)).sum())
-    precision = tp / max(1, tp + fp)
-    recall = tp / max(1, tp + fn)
-    f1 = 2 * precision * recall / max(1e-12, precision + recall)
-    lat = np.asarray(seen.latency_ms)
-    versions = [seen.version.get(i, "") for i in range(n)]
-    seen_versions = list(dict.fromkeys(v for v in versions if v))
-    with seen.lock:
-        inc = episode_report(dict(seen.incidents), episodes)
-    tto = np.asarray(inc["time_to_open_s"])
-    open_text = (
-        f"median {np.median(tto):.0f} s, max {tto.max():.0f} s"
-        if len(tto)
-        else "no incident opened"
-    )
-    png = out / "timeline.png"
-    _plot(png, scores, labels, versions, seen.threshold, half)
-    by_kind = []
-    for kind in KINDS:
-        mask = np.asarray([k == kind for k in kinds])
-        if mask.any():
-            by_kind.append(f"{kind} {flagged[mask].mean():.0%}")
-    lines = [
-        "",
-        "── summary " + "─" * 60,
-        f"records scored         {len(seen.score)} of {n} (worker exit code {worker_code})",
-        f"alerts                 {int(flagged.sum())}: {tp} true, {fp} false alarms ({fp / max(1, n - labels.sum()):.2%} of normal rows)",
-        f"precision / recall / F1  {precision:.3f} / {recall:.3f} / {f1:.3f}   (labelled rows: {int(labels.sum())})",
-        f"recall by kind         {', '.join(by_kind)}",
-        f"throughput             {n / stream_s:.0f} records/s sustained (producer rate {args.rate}/s)",
-        f"end-to-end latency     p50 {np.percentile(lat, 50):.0f} ms, p99 {np.percentile(lat, 99):.0f} ms"
-        if len(lat)
-        else "latency: no events",
-        f"incidents              {inc['incidents']}: {inc['detected']} of {inc['episodes']} multi-record episodes detected "
-        f"({inc['exactly_one']} by exactly one incident), {inc['false_incidents']} false "
-        f"({inc['false_incidents'] / max(1e-9, (n - labels.sum()) / 10_000):.2f} per 10 000 normal records)",
-        f"time to open           {open_text}   (event time from the episode's first record; spikes are single records: alerts, not incidents)",
-        f"model versions seen    {' → '.join(seen_versions)}"
-        + ("  (hot reload ✓)" if len(seen_versions) > 1 else ""),
-        f"timeline               {png}",
-        f"total time             {total_s:.0f} s",
-    ]
-    print("\n".join(lines))
-    summary = {
-        "records": n,
-        "scored": len(seen.score),
-        "precision": precision,
-        "recall": recall,
-        "f1": f1,
-        "throughput_rps": n / stream_s,
-        "latency_p50_ms": float(np.percentile(lat, 50)) if len(lat) else None,
-        "latency_p99_ms": float(np.percentile(lat, 99)) if len(lat) else None,
-        "versions": seen_versions,
-        "incidents": {k: v for k, v in inc.items() if k != "time_to_open_s"},
-        "time_to_open_s_median": float(np.median(tto)) if len(tto) else None,
-    }
-    (out / "summary.json").write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))
-    ok = len(seen.score) == n and worker_code == 0 and len(seen_versions) > 1
-    if not ok:
-        print(
-            "demo FAILED: not every record was scored, the worker did not exit cleanly, or no reload was seen",
-            file=sys.stderr,
-        )
-    return 0 if ok else 1
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m deploy.demo", description=__doc__.splitlines()[0])
     p.add_argument("--records", type=int, default=30000)
@@ -537,6 +516,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--print-alerts", type=int, default=25)
     p.add_argument("--print-incidents", type=int, default=40)
     p.add_argument("--out", default="demo-out")
+    p.add_argument(
+        "--drift-records",
+        type=int,
+        default=30000,
+        help="the drift act: at most this many records at a new operating point, streamed "
+        "until drift opened, the retrained model was promoted and drift resolved (0: no drift act)",
+    )
+    p.add_argument(
+        "--drift-delay-seconds",
+        type=float,
+        default=15,
+        help="the trainer's --drift-delay-seconds: how long after the drift incident opened it retrains",
+    )
+    p.add_argument(
+        "--after-promotion",
+        type=int,
+        default=4000,
+        help="the drift act goes on until the promoted model has scored this many records",
+    )
     args = p.parse_args(argv)
     from worker.logs import configure_logging
 

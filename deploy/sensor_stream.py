@@ -12,6 +12,12 @@ from the others. Injected anomalies, each an episode over one sensor:
 
 A row is labelled anomalous where the reading is off the truth by more than three
 times the sensor's measurement noise (less is indistinguishable from noise).
+
+`load_shift` and `setpoints` move the plant to another operating point (the demo's
+drift act): the load factor's mean, in its standard deviations, and sensors' set-points,
+in each sensor's standard deviations (none: the operating point every model of the
+demo starts from). With the load the sensors move along their correlations; a
+set-point moves one sensor off them.
 """
 
 from __future__ import annotations
@@ -40,13 +46,20 @@ class Episode:
 class SensorStream:
     """Rows in time order; `normal(n)` for training, `mixed(n)` with labels for the demo."""
 
-    def __init__(self, seed: int = 0):
+    def __init__(
+        self, seed: int = 0, load_shift: float = 0.0, setpoints: dict[str, float] | None = None
+    ):
         self.rng = np.random.default_rng(seed)
         plant = np.random.default_rng(1234)  # the plant is the same in every stream
         self.mixing = plant.normal(size=(_LATENT, len(SENSORS)))
         self.offset = plant.uniform(20, 80, size=len(SENSORS))
         self.scale = plant.uniform(0.5, 5, size=len(SENSORS))
         self.noise = 0.08
+        # latent factor 0 is the load: its mean moves every sensor along its loading
+        self.offset = self.offset + self.scale * load_shift * self.mixing[0]
+        for name, shift in (setpoints or {}).items():
+            i = SENSORS.index(name)
+            self.offset[i] += shift * self.sigma[i]
         self._z = np.zeros(_LATENT)
 
     def _latent(self, n: int) -> np.ndarray:

@@ -1,19 +1,39 @@
 """The drift monitor (worker/drift.py): no drift on stationary traffic, with and
 without anomalous episodes; a clear shift opens within 2 000 records; a model that
-fits again resolves it; the incident record (docs/contract.md#drift)."""
+fits again resolves it; the incident record (docs/contract.md#drift), valid under
+worker/incident.schema.json."""
 
 from __future__ import annotations
 
+import copy
+
+import jsonschema
 import numpy as np
 import orjson
 import pytest
 
 from tests.support import normal_rows
 from training.fit import TrainConfig, fit
-from worker.drift import BLOCKS_PER_WINDOW, DriftMonitor, Reference
+from worker.drift import BLOCKS_PER_WINDOW, DriftMonitor, Reference, Transition
+from worker.incidents import incident_schema
 
 DIM = 8
 FEATURES = [f"s{i}" for i in range(DIM)]
+
+
+VALIDATOR = jsonschema.Draft202012Validator(incident_schema())
+
+
+def body_of(t: Transition) -> dict:
+    """The incident's JSON, validated against the incident topic's schema."""
+    body = orjson.loads(t.output[1])
+    VALIDATOR.validate(body)
+    return body
+
+
+def published(model):
+    """The manifest as a published checkpoint has it: with its version."""
+    return model.manifest.model_copy(update={"version": "20261130T100000000Z-abc123"})
 
 
 def synthetic_reference(n_cal: int = 2001, n_heldout: int = 1_000_000) -> Reference:
@@ -121,7 +141,8 @@ def test_a_real_models_p_values_on_fresh_normal_traffic_open_no_drift(model):
 
 def test_a_new_operating_point_opens_drift_names_the_features_and_a_refit_resolves_it(model):
     monitor = DriftMonitor(window=2000, top_features=3)
-    monitor.model_changed(model.manifest)
+    manifest = published(model)
+    monitor.model_changed(manifest)
     scorer = model.scorer()
     normal = normal_rows(20_000, seed=12, dim=DIM)
     shifted = normal_rows(6000, seed=13, dim=DIM)
@@ -131,18 +152,21 @@ def test_a_new_operating_point_opens_drift_names_the_features_and_a_refit_resolv
     assert [t.status for _, t in found] == ["open"]
     at, opened = found[0]
     assert len(normal) < at <= len(normal) + 2000
-    body = orjson.loads(opened.output[1])
+    body = body_of(opened)
     assert {f["name"] for f in body["top_features"][:2]} == {"s2", "s5"}
-    assert body["model_version"] == model.manifest.version
+    assert body["model_version"] == manifest.version
 
     # the traffic returns to the model's operating point (as it does for a model
     # refitted on the new one: tests/integration/test_drift.py): the incident resolves
-    monitor.model_changed(model.manifest)
+    monitor.model_changed(manifest)
     back = normal_rows(6000, seed=15, dim=DIM)
     found, _ = feed(monitor, scorer.score_batch(back, explain="none").p_values, back)
     assert [t.status for _, t in found] == ["resolved"]
     resolved = found[0][1]
     assert resolved.incident_id == opened.incident_id
+    done = body_of(resolved)
+    assert (done["status"], done["incident_id"]) == ("resolved", body["incident_id"])
+    assert done["ended_at_ms"] is not None and done["level"] == monitor.resolve_level
     # one full window to refill, one window of quiet tests
     assert found[0][0] <= 2 * monitor.window + 512
 
@@ -155,7 +179,7 @@ def test_the_incident_record():
     found, _ = feed(monitor, np.full(200, 0.1, np.float32), rows, 7)
     assert len(found) == 1
     key, value, headers = found[0][1].output
-    body = orjson.loads(value)
+    body = body_of(found[0][1])
     assert key == b"drift/features"
     assert dict(headers) == {
         "schema": b"cae-stream.incident.v1",
@@ -179,7 +203,7 @@ def test_a_window_mostly_anomalous_is_drift_even_with_nothing_left_to_test():
     assert [t.status for _, t in found] == ["open"]
     at, t = found[0]
     assert 350 <= at <= 370  # just past half a window of anomalies
-    body = orjson.loads(t.output[1])
+    body = body_of(t)
     assert body["anomaly_share"] > 0.5
     assert monitor.topics["features"].anomaly_share == 1.0
     assert monitor.topics["features"].statistic == -np.inf
@@ -211,3 +235,34 @@ def test_a_new_model_empties_the_windows_and_keeps_drift_open(model):
     assert monitor.reference.version == model.manifest.version
     assert (len(state.blocks), state.current.n, state.tested) == (0, 0, False)
     assert state.open and state.incident_id is not None
+
+
+def test_the_schema_tells_a_drift_incident_from_a_per_key_one_and_holds_it_to_its_fields():
+    monitor = DriftMonitor(window=100)
+    monitor.reference = synthetic_reference()
+    found, _ = feed(monitor, np.full(100, 1e-6, np.float32), np.zeros((100, DIM)), 10)
+    body = body_of(found[0][1])  # every row anomalous: no statistic, no mean p-value
+    assert body["statistic"] is None and body["mean_p_value"] is None
+
+    def broken(**change) -> dict:
+        b = copy.deepcopy(body)
+        for k, v in change.items():
+            if v is ...:
+                del b[k]
+            else:
+                b[k] = v
+        return b
+
+    for bad in (
+        broken(kind="anomaly"),  # a drift body is not a per-key incident
+        broken(window=...),
+        broken(window={"unit": "seconds", "size": 100, "step": 10, "records": 100}),
+        broken(anomaly_share=1.5),
+        broken(ended_at_ms=123),  # open: no end yet
+        broken(status="resolved"),  # resolved: needs its end
+        broken(sequence=0),  # a per-key field
+        broken(top_features=[{"name": "s1"}]),
+    ):
+        with pytest.raises(jsonschema.ValidationError):
+            VALIDATOR.validate(bad)
+    VALIDATOR.validate(broken(status="resolved", ended_at_ms=123))
