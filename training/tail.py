@@ -1,14 +1,16 @@
-"""Calibrating the threshold on held-out normal scores: empirical where the data
+"""Calibrating the threshold on the scores of n normal rows scored as new rows would be
+(the calibration rows: every normal row for the knn score, the held-out rows for a
+reconstruction score; training.fit.calibration_rows): empirical where the data
 suffice, a generalized Pareto tail (worker.calibration.TailFit) beyond them.
 
 The rules (docs/contract.md#manifest):
 
-* Peaks: t is the held-out score with max(MIN_PEAKS, ⌈PEAK_FRACTION·n⌉) scores above
+* Peaks: t is the calibration score with max(MIN_PEAKS, ⌈PEAK_FRACTION·n⌉) scores above
   it (SPOT's 98 % level once n ≥ 2 500); no tail is fitted when that would take more
   than MAX_PEAK_FRACTION of the scores (n < 500), or when the fit fails.
-* Threshold for a target rate α: the conformal order statistic of the n held-out
-  scores while α·n ≥ EMPIRICAL_MIN_EXCEEDANCES (at least that many held-out rows lie
-  above it, so its rate is measured, not guessed); below that, the tail's quantile.
+* Threshold for a target rate α: the conformal order statistic of the n calibration
+  scores while α·n ≥ EMPIRICAL_MIN_EXCEEDANCES (at least that many calibration rows
+  lie above it, so its rate is measured, not guessed); below that, the tail's quantile.
 * Lowest rate the data support: 1/(EXTRAPOLATION·n) with a tail, 1/(n + 1) without
   one (the conformal order statistic cannot go further). A lower target is refused.
   EXTRAPOLATION is measured, not chosen (docs/calibration.md): with 5 000 held-out
@@ -40,7 +42,7 @@ MIN_GAMMA = 0.0
 
 
 class TargetRateUnsupported(DataError):
-    """The target false-positive rate is below what the held-out rows can support."""
+    """The target false-positive rate is below what the calibration rows can support."""
 
     def __init__(self, target: float, lowest: float, n: int, tail: bool):
         how = (
@@ -49,7 +51,7 @@ class TargetRateUnsupported(DataError):
             else "too few of them to fit a tail; a threshold cannot be placed beyond the largest"
         )
         super().__init__(
-            f"--target-fpr {target:g} is below what {n} held-out normal rows support "
+            f"--target-fpr {target:g} is below what {n} normal calibration rows support "
             f"({how}): the lowest is {lowest:.3g}; train on more normal rows or raise --target-fpr"
         )
         self.lowest = lowest

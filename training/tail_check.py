@@ -52,10 +52,10 @@ def measure(seed: int, train_rows: int, fresh_rows: int, config: TrainConfig) ->
     rows = []
     for target in TARGETS:
         try:
-            cal = calibrate(result.holdout_scores, target)
+            cal = calibrate(result.calibration_scores, target)
         except TargetRateUnsupported as e:
             # what the tail's quantile would have delivered, had it not been refused
-            tail = fit_tail(result.holdout_scores)
+            tail = fit_tail(result.calibration_scores)
             forced = float(np.mean(fresh >= tail.quantile(target))) if tail else None
             rows.append({"seed": seed, "target": target, "refused": e.lowest, "forced": forced})
             continue
