@@ -78,13 +78,13 @@ def lowest_supported_rate(n: int, tail: bool) -> float:
 
 
 def supported_target(target: float, n: int) -> float:
-    """The target itself, or the lowest rate n held-out rows support when that is higher
+    """The target itself, or the lowest rate n calibration rows support when that is higher
     (the evaluation harness trains small data sets at what they can deliver)."""
     return max(target, lowest_supported_rate(n, can_fit_tail(n)))
 
 
 def check_target(target: float, n: int) -> None:
-    """Refuse before training a target that n held-out rows cannot support even when a
+    """Refuse before training a target that n calibration rows cannot support even when a
     tail fits (the fit itself can only make the bound stricter)."""
     lowest = lowest_supported_rate(n, can_fit_tail(n))
     if target < lowest:
@@ -129,7 +129,7 @@ def fit_gpd(excesses: np.ndarray) -> tuple[float, float]:
 
 
 def fit_tail(scores: np.ndarray) -> TailFit | None:
-    """The GPD tail of held-out scores above their peaks threshold, or None when there
+    """The GPD tail of calibration scores above their peaks threshold, or None when there
     are too few scores or the fit fails."""
     s = np.sort(np.asarray(scores, dtype=np.float64))
     n = len(s)
@@ -149,7 +149,7 @@ def fit_tail(scores: np.ndarray) -> TailFit | None:
 def conformal_threshold(scores: np.ndarray, target_fpr: float) -> float:
     """Smallest threshold whose false-positive rate on `scores` is ≤ target_fpr.
 
-    A row is anomalous when score ≥ threshold; with n held-out normal scores the
+    A row is anomalous when score ≥ threshold; with n normal calibration scores the
     threshold is the order statistic that leaves at most ⌊target·n⌋ rows at or above it
     (conformal: the expected FPR on new normal rows is then ≤ target).
     """
@@ -162,7 +162,7 @@ def conformal_threshold(scores: np.ndarray, target_fpr: float) -> float:
 
 
 def calibrate(scores: np.ndarray, target_fpr: float) -> Calibration:
-    """The threshold for `target_fpr` from held-out normal scores, and how it was
+    """The threshold for `target_fpr` from normal calibration scores, and how it was
     obtained. Raises TargetRateUnsupported for a target the scores cannot support."""
     n = len(scores)
     tail = fit_tail(scores)

@@ -133,7 +133,7 @@ def test_bounded_tail_survival_is_zero_past_its_end():
 
 def test_threshold_is_empirical_where_the_data_suffice_and_gpd_beyond():
     scores = np.random.default_rng(0).gamma(2.0, size=5000)
-    assert calibrate(scores, 0.01).method == "empirical"  # 50 held-out rows above it
+    assert calibrate(scores, 0.01).method == "empirical"  # 50 calibration rows above it
     below = calibrate(scores, 0.002)
     assert below.method == "gpd" and below.tail.n_peaks == 100 and below.tail.n == 5000
     # the tail's quantile of a Gamma(2) sample is near the true one
@@ -174,8 +174,8 @@ def test_p_values_keep_falling_beyond_the_held_out_scores(fitted):
 
 
 def test_a_tail_threshold_meets_its_target_on_new_rows(fitted):
-    # 2 000 held-out rows; a target of 1/n (one row above it) comes from the tail. These
-    # rows' tail is bounded (tanh of the factors); held to γ ≥ 0 the fit errs on the
+    # 8 000 calibration rows (the knn default: all of them); a target of 1/n (one row
+    # above it) comes from the tail. These rows' tail is bounded (tanh of the factors); held to γ ≥ 0 the fit errs on the
     # safe side there: fewer false positives than the target, never many more.
     n = len(fitted.calibration_scores)
     cal = calibrate(fitted.calibration_scores, 1 / n)
