@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
 from training.config import TrainConfig
-from training.fit import DataError, FitResult, fit, holdout_size, split_holdout
+from training.fit import DataError, FitResult, calibration_rows, fit, split_holdout
 from training.report import build_report, write_report
 from training.settings import (
     PROG,
@@ -73,9 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             return run_from_kafka(settings, config, interactive)
         dataset = load_dataset(settings.data, settings.label_column, settings.id_column)
         dataset.require_training_rows(settings.data)
-        check_target(
-            config.target_fpr, holdout_size(len(dataset.normal_rows), config.holdout_fraction)
-        )
+        check_target(config.target_fpr, calibration_rows(len(dataset.normal_rows), config))
         ensure_writable(settings.out, "--out")
         if settings.report_dir is not None:
             ensure_writable(settings.report_dir, "--report-dir")

@@ -1,5 +1,6 @@
 """Fitting a detector: scaler on normal rows, CAE training with early stopping,
-threshold calibration on held-out normal rows, and the checkpoint manifest.
+threshold calibration on normal rows scored as new rows would be, and the checkpoint
+manifest.
 
 This is the library the CLI (training.__main__) and the evaluation harness call.
 """
@@ -51,7 +52,9 @@ class FitResult:
     model: ContractiveAutoencoder
     manifest: Manifest  # version/created_at/sha256 filled in by checkpoint.publish
     history: History
-    holdout_scores: np.ndarray  # scores of the held-out normal rows (calibration set)
+    # the calibration set: scores of every normal row for the knn score (leave-one-out),
+    # of the held-out normal rows for the reconstruction scores (calibration_rows)
+    calibration_scores: np.ndarray
 
     def scorer(self, device: str = "cpu") -> Scorer:
         return Scorer(
@@ -71,6 +74,14 @@ def split_holdout(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.nd
     return np.sort(order[n_hold:]), np.sort(order[:n_hold])
 
 
+def calibration_rows(n: int, config: TrainConfig) -> int:
+    """How many of n normal rows the threshold and p-values are calibrated on. The knn
+    score does not use the autoencoder, so every normal row can be scored as a new row
+    would be (leave_one_out_scores): all n. A reconstruction score can be trusted only
+    on rows the autoencoder was not fitted to: the held-out rows."""
+    return n if config.score == "knn" else holdout_size(n, config.holdout_fraction)
+
+
 def reference_rows(n: int, max_rows: int, seed: int) -> np.ndarray:
     """Indices of the normal rows the knn score keeps: all of them, or a seeded random
     `max_rows` of them (sorted)."""
@@ -81,17 +92,18 @@ def reference_rows(n: int, max_rows: int, seed: int) -> np.ndarray:
 
 @torch.inference_mode()
 def leave_one_out_scores(
-    scorer: Scorer, x_hold: np.ndarray, hold_idx: np.ndarray, ref_idx: np.ndarray
+    scorer: Scorer, x_rows: np.ndarray, row_idx: np.ndarray, ref_idx: np.ndarray
 ) -> np.ndarray:
-    """The knn scores of held-out normal rows as a new row would get them: a held-out row
-    that is itself a reference row is scored against the other reference rows (its
-    k + 1 nearest, itself left out), so the calibration scores are exchangeable with
-    those of unseen normal rows. Computed with the scorer's own maths (float64 out)."""
+    """The knn scores of normal rows (x_rows, at indices row_idx of the training rows) as
+    a new row would get them: a row that is itself a reference row is scored against
+    the other reference rows (its k + 1 nearest, itself left out), any other row
+    against all of them, so the calibration scores are exchangeable with those of unseen
+    normal rows. Computed with the scorer's own maths (float64 out)."""
     k = scorer.manifest.neighbours
-    position = np.full(int(max(hold_idx.max(), ref_idx.max())) + 1, -1)
+    position = np.full(int(max(row_idx.max(), ref_idx.max())) + 1, -1)
     position[ref_idx] = np.arange(len(ref_idx))
-    own = torch.from_numpy(position[hold_idx])
-    xd = torch.from_numpy(np.ascontiguousarray(x_hold, dtype=np.float32))
+    own = torch.from_numpy(position[row_idx])
+    xd = torch.from_numpy(np.ascontiguousarray(x_rows, dtype=np.float32))
     xs = (xd - scorer._center) * scorer._inv_scale
     dist, index = nearest_neighbours(xs, scorer._reference, scorer._ref_sq, k + 1)
     drop = index == own[:, None]
@@ -117,10 +129,12 @@ def fit(
     if len(x) < 10:
         raise DataError(f"need at least 10 normal rows to train, got {len(x)}")
     train_idx, hold_idx = split_holdout(len(x), config.holdout_fraction, config.seed)
-    check_target(config.target_fpr, len(hold_idx))  # before minutes of training
+    check_target(config.target_fpr, calibration_rows(len(x), config))  # before training
     knn = config.score == "knn"
-    # the knn score compares rows with every normal row (held-out ones included, each
-    # without itself: leave_one_out_scores), so its scale comes from all of them
+    # the knn score compares rows with every normal row (reference rows drawn from all of
+    # them, calibration on all of them), so its scale comes from all of them too: a row's
+    # own share in the scale moves its score by < 2 % even in the tail of a heavy-tailed
+    # generator (docs/calibration.md)
     scaler = fit_scaler(x if knn else x[train_idx], config.scaler)
     xs = apply_scaler(x, scaler)
     if config.penalty_weight == "auto":
@@ -147,14 +161,14 @@ def fit(
         golden=Golden(inputs=[[0.0] * x.shape[1]], scores=[0.0]),
     )
     result = FitResult(
-        model=model, manifest=placeholder, history=history, holdout_scores=np.empty(0)
+        model=model, manifest=placeholder, history=history, calibration_scores=np.empty(0)
     )
     scorer = result.scorer()
-    if knn:
-        hold_scores = leave_one_out_scores(scorer, x[hold_idx], hold_idx, ref_idx)
-    else:
-        hold_scores = scorer.score_batch(x[hold_idx], explain="none").scores.astype(np.float64)
-    calibration = calibrate(hold_scores, config.target_fpr)
+    if knn:  # every row, each as a new row would be scored (docs/calibration.md)
+        cal_scores = leave_one_out_scores(scorer, x, np.arange(len(x)), ref_idx)
+    else:  # the autoencoder was fitted to the other rows
+        cal_scores = scorer.score_batch(x[hold_idx], explain="none").scores.astype(np.float64)
+    calibration = calibrate(cal_scores, config.target_fpr)
     golden_x = x[hold_idx[:GOLDEN_ROWS]]
     golden_scores = scorer.score_batch(golden_x).scores
     result.manifest = placeholder.model_copy(
@@ -162,11 +176,12 @@ def fit(
             "threshold": calibration.threshold,
             "threshold_method": calibration.method,
             "tail": calibration.tail,
-            "calibration": calibration_summary(hold_scores),
+            "calibration": calibration_summary(cal_scores),
             "golden": Golden(inputs=golden_x.tolist(), scores=[float(s) for s in golden_scores]),
             "metrics": {
                 "train_rows": int(len(train_idx)),
                 "holdout_rows": int(len(hold_idx)),
+                "calibration_rows": int(len(cal_scores)),
                 "epochs": len(history.train_loss),
                 "best_epoch": history.best_epoch,
                 "final_train_loss": history.train_loss[history.best_epoch],
@@ -178,5 +193,5 @@ def fit(
     )
     # Re-validate the finished manifest (model_copy does not).
     result.manifest = Manifest.model_validate(result.manifest.model_dump())
-    result.holdout_scores = hold_scores
+    result.calibration_scores = cal_scores
     return result

@@ -29,8 +29,8 @@ def build_report(
 ) -> dict:
     """The report as plain data. `scores`/`labels` cover every labelled row when given."""
     m = result.manifest
-    holdout = metrics.at_threshold(
-        np.zeros(len(result.holdout_scores)), result.holdout_scores, m.threshold
+    calibration = metrics.at_threshold(
+        np.zeros(len(result.calibration_scores)), result.calibration_scores, m.threshold
     )
     evaluation = None
     if labels is not None and scores is not None:
@@ -49,9 +49,12 @@ def build_report(
         "threshold": m.threshold,
         "target_fpr": m.target_fpr,
         "threshold_method": m.threshold_method,
-        # the GPD fitted to the held-out scores above t (null when too few to fit one)
+        # the GPD fitted to the calibration scores above t (null when too few to fit one)
         "tail": m.tail.model_dump() | {"tail_rate": m.tail.tail_rate} if m.tail else None,
-        "holdout": {"rows": len(result.holdout_scores), "fpr_at_threshold": holdout["fpr"]},
+        "calibration": {
+            "rows": len(result.calibration_scores),
+            "fpr_at_threshold": calibration["fpr"],
+        },
         "metrics": dict(m.metrics),
         "history": asdict(result.history),
         "evaluation": evaluation,
@@ -121,7 +124,7 @@ def _plot_scores(Figure, path: Path, result: FitResult, scores, labels) -> Path:
     if scores is not None and labels is not None:
         groups = [("normal", scores[labels == 0]), ("anomaly", scores[labels == 1])]
     else:
-        groups = [("held-out normal", result.holdout_scores)]
+        groups = [("calibration normal", result.calibration_scores)]
     every = np.concatenate([g for _, g in groups if len(g)])
     positive = every[every > 0]
     log_bins = len(positive) > 1 and positive.max() > positive.min()

@@ -1,20 +1,23 @@
-"""Calibrating the threshold on held-out normal scores: empirical where the data
+"""Calibrating the threshold on the scores of n normal rows scored as new rows would be
+(the calibration rows: every normal row for the knn score, the held-out rows for a
+reconstruction score; training.fit.calibration_rows): empirical where the data
 suffice, a generalized Pareto tail (worker.calibration.TailFit) beyond them.
 
 The rules (docs/contract.md#manifest):
 
-* Peaks: t is the held-out score with max(MIN_PEAKS, ⌈PEAK_FRACTION·n⌉) scores above
+* Peaks: t is the calibration score with max(MIN_PEAKS, ⌈PEAK_FRACTION·n⌉) scores above
   it (SPOT's 98 % level once n ≥ 2 500); no tail is fitted when that would take more
   than MAX_PEAK_FRACTION of the scores (n < 500), or when the fit fails.
-* Threshold for a target rate α: the conformal order statistic of the n held-out
-  scores while α·n ≥ EMPIRICAL_MIN_EXCEEDANCES (at least that many held-out rows lie
-  above it, so its rate is measured, not guessed); below that, the tail's quantile.
+* Threshold for a target rate α: the conformal order statistic of the n calibration
+  scores while α·n ≥ EMPIRICAL_MIN_EXCEEDANCES (at least that many calibration rows
+  lie above it, so its rate is measured, not guessed); below that, the tail's quantile.
 * Lowest rate the data support: 1/(EXTRAPOLATION·n) with a tail, 1/(n + 1) without
   one (the conformal order statistic cannot go further). A lower target is refused.
-  EXTRAPOLATION is measured, not chosen (docs/calibration.md): with 5 000 held-out
-  rows the tail's quantile meets its rate within 2× down to about 1/n, but misses by
-  2–5× at 1/(2n) and up to 30× at 1/(20n), as its shape γ is estimated from only
-  100 peaks. Lower targets need more normal rows.
+  EXTRAPOLATION is measured, not chosen (docs/calibration.md): down to 1/n the tail's
+  quantile delivered at most 1.34× its rate (knn, n = 20 000; far less on a heavy
+  tail), while beyond it (1/(5n) for knn, 1/(2n) and 1/(20n) for the reconstruction
+  score with n = 5 000) it missed by 2–20× either way, as its shape γ is estimated
+  from a few hundred peaks. Lower targets need more normal rows.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ MIN_GAMMA = 0.0
 
 
 class TargetRateUnsupported(DataError):
-    """The target false-positive rate is below what the held-out rows can support."""
+    """The target false-positive rate is below what the calibration rows can support."""
 
     def __init__(self, target: float, lowest: float, n: int, tail: bool):
         how = (
@@ -49,7 +52,7 @@ class TargetRateUnsupported(DataError):
             else "too few of them to fit a tail; a threshold cannot be placed beyond the largest"
         )
         super().__init__(
-            f"--target-fpr {target:g} is below what {n} held-out normal rows support "
+            f"--target-fpr {target:g} is below what {n} normal calibration rows support "
             f"({how}): the lowest is {lowest:.3g}; train on more normal rows or raise --target-fpr"
         )
         self.lowest = lowest
@@ -76,13 +79,13 @@ def lowest_supported_rate(n: int, tail: bool) -> float:
 
 
 def supported_target(target: float, n: int) -> float:
-    """The target itself, or the lowest rate n held-out rows support when that is higher
+    """The target itself, or the lowest rate n calibration rows support when that is higher
     (the evaluation harness trains small data sets at what they can deliver)."""
     return max(target, lowest_supported_rate(n, can_fit_tail(n)))
 
 
 def check_target(target: float, n: int) -> None:
-    """Refuse before training a target that n held-out rows cannot support even when a
+    """Refuse before training a target that n calibration rows cannot support even when a
     tail fits (the fit itself can only make the bound stricter)."""
     lowest = lowest_supported_rate(n, can_fit_tail(n))
     if target < lowest:
@@ -127,7 +130,7 @@ def fit_gpd(excesses: np.ndarray) -> tuple[float, float]:
 
 
 def fit_tail(scores: np.ndarray) -> TailFit | None:
-    """The GPD tail of held-out scores above their peaks threshold, or None when there
+    """The GPD tail of calibration scores above their peaks threshold, or None when there
     are too few scores or the fit fails."""
     s = np.sort(np.asarray(scores, dtype=np.float64))
     n = len(s)
@@ -147,7 +150,7 @@ def fit_tail(scores: np.ndarray) -> TailFit | None:
 def conformal_threshold(scores: np.ndarray, target_fpr: float) -> float:
     """Smallest threshold whose false-positive rate on `scores` is ≤ target_fpr.
 
-    A row is anomalous when score ≥ threshold; with n held-out normal scores the
+    A row is anomalous when score ≥ threshold; with n normal calibration scores the
     threshold is the order statistic that leaves at most ⌊target·n⌋ rows at or above it
     (conformal: the expected FPR on new normal rows is then ≤ target).
     """
@@ -160,7 +163,7 @@ def conformal_threshold(scores: np.ndarray, target_fpr: float) -> float:
 
 
 def calibrate(scores: np.ndarray, target_fpr: float) -> Calibration:
-    """The threshold for `target_fpr` from held-out normal scores, and how it was
+    """The threshold for `target_fpr` from normal calibration scores, and how it was
     obtained. Raises TargetRateUnsupported for a target the scores cannot support."""
     n = len(scores)
     tail = fit_tail(scores)

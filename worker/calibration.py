@@ -1,9 +1,9 @@
 """The score tail of normal rows as a generalized Pareto distribution (GPD).
 
-Beyond a high score `t` (an empirical quantile of held-out normal scores), the
+Beyond a high score `t` (an empirical quantile of the normal calibration scores), the
 excesses y = score − t of normal rows follow, approximately, a GPD with scale σ > 0
 and shape γ (Pickands–Balkema–de Haan; used for thresholds as in SPOT, Siffer et al.,
-KDD 2017). With n held-out scores of which `n_peaks` exceed t:
+KDD 2017). With n calibration scores of which `n_peaks` exceed t:
 
     P(score > t + y) ≈ (n_peaks / n) · (1 + γ·y/σ)^(−1/γ)     (γ ≠ 0)
                      ≈ (n_peaks / n) · exp(−y/σ)               (γ ≈ 0)
@@ -11,7 +11,7 @@ KDD 2017). With n held-out scores of which `n_peaks` exceed t:
 For γ < 0 the tail ends at t + σ/|γ|; beyond it the survival is 0. The trainer fits
 the tail (training/tail.py); this module is what the worker and the trainer share:
 the manifest's description of the fit, its survival function (p-values beyond t) and
-its quantile (thresholds beyond the held-out data). docs/contract.md#manifest.
+its quantile (thresholds beyond the calibration data). docs/contract.md#manifest.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # How the manifest's threshold was obtained: the conformal order statistic of the
-# held-out scores, or the GPD tail's quantile.
+# calibration scores, or the GPD tail's quantile.
 ThresholdMethod = Literal["empirical", "gpd"]
 
 # |γ| below this is the exponential tail (the γ → 0 limit), computed as such.
@@ -32,15 +32,15 @@ EXPONENTIAL_GAMMA = 1e-6
 
 
 class TailFit(BaseModel):
-    """A GPD fitted to the held-out normal scores above `t`."""
+    """A GPD fitted to the normal calibration scores above `t`."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    t: float  # the peaks threshold: an empirical high quantile of the held-out scores
+    t: float  # the peaks threshold: an empirical high quantile of the calibration scores
     sigma: float = Field(gt=0)
     gamma: float = Field(ge=-1, le=10)
-    n_peaks: int = Field(ge=1)  # held-out scores > t
-    n: int = Field(ge=2)  # held-out scores in all
+    n_peaks: int = Field(ge=1)  # calibration scores > t
+    n: int = Field(ge=2)  # calibration scores in all
 
     @model_validator(mode="after")
     def _consistent(self) -> TailFit:
@@ -52,7 +52,7 @@ class TailFit(BaseModel):
 
     @property
     def tail_rate(self) -> float:
-        """P(score > t): the share of held-out scores above t."""
+        """P(score > t): the share of calibration scores above t."""
         return self.n_peaks / self.n
 
     def quantile(self, rate: float) -> float:

@@ -112,13 +112,15 @@ def test_a_shift_of_the_p_values_opens_within_2000_records(side):
 
 @pytest.fixture(scope="module")
 def model():
-    """A real model: 4 000 normal rows, a quarter held out (1 000, a tail fitted)."""
+    """A real model: 4 000 normal rows, all of them calibrating (the knn default; a tail
+    fitted)."""
     return fit(normal_rows(4000, seed=0, dim=DIM), FEATURES, TrainConfig(max_epochs=10, seed=0))
 
 
 def test_a_real_models_p_values_on_fresh_normal_traffic_open_no_drift(model):
     """180 000 fresh normal rows with 1 % in anomalous episodes (spikes), scored by a
-    real model: its held-out calibration is what the test compares against."""
+    real model: its calibration (every normal row, leave-one-out) is what the test
+    compares against."""
     rng = np.random.default_rng(3)
     rows = normal_rows(180_000, seed=11, dim=DIM)
     episode = np.zeros(len(rows), bool)
@@ -131,7 +133,7 @@ def test_a_real_models_p_values_on_fresh_normal_traffic_open_no_drift(model):
     assert 0.005 < scores.is_anomaly[~episode].mean() < 0.02  # calibrated for 1 %
     monitor = DriftMonitor(window=2000)
     monitor.model_changed(model.manifest)
-    assert monitor.reference.n_heldout == 1000
+    assert monitor.reference.n_heldout == 4000
     found, _ = feed(monitor, scores.p_values, rows)
     assert found == []
     state = monitor.topics["features"]

@@ -19,7 +19,8 @@ from worker.checkpoint import MANIFEST_FILE, WEIGHTS_FILE, read_latest
 from worker.scoring import load_scorer
 
 REPO = Path(__file__).resolve().parents[2]
-FAST = ["--epochs", "8", "--seed", "3", "--target-fpr", "0.05"]  # 34 held-out rows: ≥ 1/35
+# the knn default calibrates on every normal row: 138 of them support ≥ 1/139
+FAST = ["--epochs", "8", "--seed", "3", "--target-fpr", "0.05"]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -165,10 +166,11 @@ def test_error_messages_name_the_problem(tmp_path, labelled_csv, capsys):
         "too few rows": "need at least 10 normal rows",
         "unknown label column": "label column 'klass' is not in the header",
         "invalid fpr": "--target-fpr (TRAINER_TARGET_FPR)='1.5'",
-        # 138 normal rows, 34 held out: too few for a tail, the conformal limit is 1/35
-        "target below the data": "--target-fpr 1e-05 is below what 34 held-out normal rows "
-        "support (too few of them to fit a tail; a threshold cannot be placed beyond the "
-        "largest): the lowest is 0.0286",
+        # 138 normal rows, all calibration rows for the knn default: too few for a tail,
+        # the conformal limit is 1/139
+        "target below the data": "--target-fpr 1e-05 is below what 138 normal calibration "
+        "rows support (too few of them to fit a tail; a threshold cannot be placed beyond "
+        "the largest): the lowest is 0.00719",
         "out under a file": "--out",
     }
     for case, fragment in expected.items():
