@@ -112,12 +112,7 @@ class HealthServer:
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self):  # noqa: N802 - http.server's name
-                code, body, ctype = owner.respond(self.path)
-                self.send_response(code)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                self._reply(*owner.respond(self.path))
 
             def do_POST(self):  # noqa: N802 - http.server's name
                 try:
@@ -130,11 +125,19 @@ class HealthServer:
                     code, body = owner.post(
                         self.path, self.headers.get("Authorization"), self.rfile.read(length)
                     )
-                self.send_response(code)
-                self.send_header("Content-Type", "text/plain")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                self._reply(code, body, "text/plain")
+
+            def _reply(self, code: int, body: bytes, ctype: str) -> None:
+                try:
+                    self.send_response(code)
+                    self.send_header("Content-Type", ctype)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                except (BrokenPipeError, ConnectionResetError):
+                    # the client hung up before its answer (a probe's timeout): nothing
+                    # to answer, and no traceback on stderr from socketserver
+                    self.close_connection = True
 
             def log_message(self, *args):  # silence per-request stderr lines
                 pass

@@ -78,3 +78,39 @@ def test_broker_silence_reads_the_group_coordinator(monkeypatch):
     assert broker_silence(_consumer(1, 95, 0), 10) is None
     assert "for 15s" in broker_silence(_consumer(1, 85, 0), 10)
     assert broker_silence(_consumer(1, 0, 95), 10) is None, "a reset counts as an answer"
+
+
+def test_a_client_that_hangs_up_before_its_answer_leaves_no_traceback(capfd):
+    """A probe that times out closes its connection while the answer is being made; the
+    write then fails (reset by peer). That is the client's business: no traceback on the
+    worker's stderr (socketserver prints one for any exception a handler raises)."""
+    import socket
+    import struct
+    import threading
+    import time
+
+    health = Health(WorkerMetrics())
+    server = HealthServer(health, "127.0.0.1", 0)
+    answering, hung_up = threading.Event(), threading.Event()
+
+    def slow_answer(path: str):
+        answering.set()
+        hung_up.wait(5)
+        return 200, b"x" * (4 << 20), "text/plain"  # more than the socket buffers hold
+
+    server.respond = slow_answer
+    server.start()
+    try:
+        client = socket.create_connection(("127.0.0.1", server.port))
+        client.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert answering.wait(5)
+        # close with a reset (linger 0), as a client killed on its timeout may
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()
+        time.sleep(0.2)
+        hung_up.set()
+        time.sleep(1.0)  # the handler's write fails within milliseconds of this
+    finally:
+        server.stop()
+    err = capfd.readouterr().err
+    assert "Traceback" not in err, err
