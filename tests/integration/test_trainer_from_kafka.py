@@ -195,4 +195,9 @@ def test_a_drift_incident_retrains_on_the_records_since_it_opened(broker, topics
     assert [s.get("since_ms") for s in snapshots] == [None, t0 + 9_000], text[-3000:]
     assert snapshots[1]["records"] == 800  # only the records after the opening
     assert snapshots[1]["rows"] == 800  # all of them: the live model no longer fits
+    # the drift retrain is not held to the live model's errors (shadow gates it)
+    assert "drift retrain: not compared with the live model" in text, text[-3000:]
+    events = [orjson.loads(ln).get("event") for ln in text.splitlines() if ln.startswith("{")]
+    after_drift = events[len(events) - events[::-1].index("snapshot") :]
+    assert "candidate vs live" not in after_drift, after_drift
     assert v2 in text.split()
