@@ -93,7 +93,7 @@ def incident_id(topic: str, src: Src, key: bytes | None) -> str:
 class _Journal:
     """The state before one batch touched it: what `rollback` puts back."""
 
-    states: dict = field(default_factory=dict)  # (p, key) → KeyState copy | None
+    states: dict = field(default_factory=dict)  # (p, key) → packed KeyState | None
     marks: dict = field(default_factory=dict)  # p → (applied, stream) | None
     queued: list = field(default_factory=list)  # re-announcements this batch carried
 
@@ -112,10 +112,6 @@ class IncidentConfig:
         return open_count(self.window, self.open_share)
 
 
-def _copy(state: KeyState | None) -> KeyState | None:
-    return None if state is None else KeyState.unpack(state.pack())
-
-
 class IncidentTracker:
     def __init__(self, config: IncidentConfig):
         self.config = config
@@ -129,6 +125,10 @@ class IncidentTracker:
         self._queued: list = []  # re-announcements for the next batch
         self._journal: _Journal | None = None
         self._out: Observed | None = None
+        # (partition, key) → its state as packed at the end of the last batch that changed
+        # it: a state changes only in `observe`, and every state a batch touched is packed
+        # for the changelog at its end, so this is what the journal keeps of it.
+        self._packed: dict[tuple[int, bytes | None], bytes] = {}
 
     # -- gauges -------------------------------------------------------------------
 
@@ -149,9 +149,13 @@ class IncidentTracker:
             self._apply(rows)
         for p in sorted(out.applied):
             self._sweep(p, self.stream_ms[p])
-        for changed in out.changed.values():
+        packed = self._packed
+        for p, changed in out.changed.items():
             for key, state in changed.items():
-                changed[key] = None if state is None else state.pack()
+                if state is None:
+                    packed.pop((p, key), None)
+                else:
+                    changed[key] = packed[(p, key)] = state.pack()
         self._journal = self._out = None
         return out
 
@@ -162,8 +166,13 @@ class IncidentTracker:
         offs = rows.offset[order]
         ts = rows.ts[order]
         flags = rows.is_anomaly[order]
-        keys = rows.keys
-        states = self.states
+        # Only rows that are anomalous, or whose key has state, change anything: the
+        # rows of a key that has state now or an anomalous row in this batch are the
+        # candidates, decided per record in C; each is checked again when its turn comes.
+        cand = flags | self._hot_records(rows)[rows.record[order]]
+        # a row read twice in one batch counts once (KeyState.pos): then row by row
+        rws = rows.row[order]
+        whole = not np.any((np.diff(offs) == 0) & (np.diff(rws) == 0) & (np.diff(part) == 0))
         bounds = np.flatnonzero(np.diff(part)) + 1
         for lo, hi in zip(
             np.concatenate(([0], bounds)), np.concatenate((bounds, [len(part)])), strict=True
@@ -177,25 +186,136 @@ class IncidentTracker:
             self._mark(p)
             stream0 = self.stream_ms.get(p, -(1 << 62))
             stream = np.maximum.accumulate(np.maximum(ts[fresh:hi], stream0))
-            # Only rows that are anomalous, or whose key has state, change anything.
-            fl = flags[fresh:hi].tolist()
-            if states or True in fl:
-                idx = order[fresh:hi].tolist()
-                rk = rows.record[order[fresh:hi]].tolist()
-                for j in range(hi - fresh):
-                    # A row changes something only if it is anomalous or its key has state.
-                    if fl[j] or (p, keys[rk[j]]) in states:
-                        self._sweep(p, int(stream[j]))
-                        self._row(p, keys[rk[j]], rows, idx[j], fl[j])
+            at = np.flatnonzero(cand[fresh:hi])
+            if len(at):
+                self._rows(p, rows, order[fresh:hi][at], stream[at].tolist(), whole)
             self.stream_ms[p] = int(stream[-1])
             self.applied[p] = int(offs[hi - 1]) + 1
             out.applied[p] = (self.applied[p], self.stream_ms[p])
 
-    def _row(self, p: int, key, rows: Rows, i: int, anomalous: bool) -> None:
+    def _hot_records(self, rows: Rows) -> np.ndarray:
+        """Per record: does its (partition, key) hold state, or have an anomalous row here?"""
+        keys = rows.keys
+        hot = np.zeros(len(keys), dtype=bool)
+        anomalous = np.flatnonzero(rows.is_anomaly)
+        if not self.states and not len(anomalous):
+            return hot
+        rec_p = np.full(len(keys), -1, dtype=np.int64)  # records without rows: no partition
+        rec_p[rows.record] = rows.partition
+        sks = list(zip(rec_p.tolist(), keys, strict=True))
+        if self.states:
+            hot |= np.fromiter(map(self.states.__contains__, sks), dtype=bool, count=len(sks))
+        if len(anomalous):
+            seen = {sks[r] for r in rows.record[anomalous].tolist()}
+            hot |= np.fromiter(map(seen.__contains__, sks), dtype=bool, count=len(sks))
+        return hot
+
+    def _rows(self, p: int, rows: Rows, idx: np.ndarray, stream: list, runs: bool) -> None:
+        """The candidate rows idx of partition p, in order; stream: the partition's
+        stream time at each. With `runs`, a run of rows of one key (the vectors of a
+        multi-row record, say) goes to `_run`; else, and a row on its own, to `_row`."""
+        keys, states = rows.keys, self.states
+        rec = rows.record[idx]
+        flags = rows.is_anomaly[idx]
+        items = list(
+            zip(
+                idx.tolist(),
+                zip(rows.offset[idx].tolist(), rows.row[idx].tolist(), strict=True),
+                rows.ts[idx].tolist(),
+                flags.tolist(),
+                strict=True,
+            )
+        )
+        recs = rec.tolist()
+        # runs: consecutive candidates of one key (a key's records may follow each other)
+        cuts = (np.flatnonzero(np.diff(rec)) + 1).tolist()
+        cuts = (
+            [c for c in cuts if keys[recs[c]] != keys[recs[c - 1]]]
+            if runs
+            else range(1, len(items))
+        )
+        for lo, hi in zip([0, *cuts], [*cuts, len(items)], strict=True):
+            key = keys[recs[lo]]
+            if hi - lo > 1:
+                self._run(p, key, rows, items[lo:hi], flags[lo:hi], stream[lo:hi])
+                continue
+            i, pos, t, anomalous = items[lo]
+            if anomalous or (p, key) in states:
+                self._sweep(p, stream[lo])
+                self._row(p, key, rows, i, pos, t, anomalous)
+
+    def _run(self, p: int, key, rows: Rows, items: list, flags: np.ndarray, stream: list) -> None:
+        """Consecutive candidate rows of one key. Its normal rows between two anomalous
+        ones change the key's state all in the same way, so a stretch of them is applied
+        at once when no sweep could act within it; the rest goes row by row."""
+        sk = (p, key)
+        anomalous_at = np.flatnonzero(flags).tolist()
+        n, k, a = len(items), 0, 0
+        while k < n:
+            while a < len(anomalous_at) and anomalous_at[a] < k:
+                a += 1
+            m = anomalous_at[a] if a < len(anomalous_at) else n  # the stretch: k .. m - 1
+            i, pos, t, anomalous = items[k]
+            state = self.states.get(sk)
+            if (
+                m - k > 1
+                and state is not None
+                and pos > state.pos
+                # every sweep of the stretch returns at once: _due is a lower bound of
+                # every deadline on p (this key's too), and the stretch moves none earlier
+                and stream[m - 1] < self._due.get(p, -(1 << 62))
+            ):
+                self._stretch(p, key, state, items[m - 1][1], [it[2] for it in items[k:m]])
+                k = m
+                continue
+            if anomalous or state is not None:
+                self._sweep(p, stream[k])
+                self._row(p, key, rows, i, pos, t, anomalous)
+            k += 1
+
+    def _stretch(self, p: int, key, state: KeyState, last: tuple, ts: list) -> None:
+        """What `_row` does to a key with state, row after row, for normal rows at
+        event times ts, the last one at position `last`, where no sweep acts."""
+        cfg = self.config
+        sk = (p, key)
+        self._touch(sk)
+        del self.states[sk]  # re-inserted below: most recently touched last
+        inc = state.incident
+        if inc is not None:
+            if inc.dirty:
+                due = inc.announced_ms + cfg.update_ms
+                q = next((q for q, t in enumerate(ts) if t >= due), None)
+                if q is not None:  # the row that sends the update
+                    inc.records += q + 1
+                    inc.updated_ms = max(inc.updated_ms, *ts[: q + 1])
+                    self._announce(key, inc, "open")
+                    ts = ts[q + 1 :]
+            if ts:
+                inc.records += len(ts)
+                inc.updated_ms = max(inc.updated_ms, *ts)
+        else:
+            mask = state.mask
+            if state.closed is None:
+                # the row at which the window's last anomaly slides out forgets the key
+                gone = cfg.window - ((mask & -mask).bit_length() - 1) if mask else 1
+                if gone <= len(ts):
+                    if gone > 1:
+                        self._due[p] = min(
+                            self._due.get(p, 1 << 62), state.last_anomaly_ms + cfg.quiet_ms
+                        )
+                    self._changed(sk, None)
+                    return
+            state.mask = (mask << len(ts)) & self._full
+            del state.pending[: len(state.pending) - state.mask.bit_count()]
+        state.pos = last
+        self.states[sk] = state
+        self._due[p] = min(self._due.get(p, 1 << 62), state.last_anomaly_ms + cfg.quiet_ms)
+        self._changed(sk, state)
+
+    def _row(self, p: int, key, rows: Rows, i: int, pos: tuple, ts: int, anomalous: bool) -> None:
         cfg = self.config
         sk = (p, key)
         state = self.states.get(sk)
-        ts = int(rows.ts[i])
         if state is None:
             if not anomalous:
                 return
@@ -203,17 +323,17 @@ class IncidentTracker:
             self._touch(sk)
             state = KeyState()
         else:
-            if (int(rows.offset[i]), int(rows.row[i])) <= state.pos:
+            if pos <= state.pos:
                 self._out.skipped += 1  # already in this key's state (see KeyState.pos)
                 return
             self._touch(sk)
             del self.states[sk]  # re-inserted below: most recently touched last
-        state.pos = (int(rows.offset[i]), int(rows.row[i]))
+        state.pos = pos
         a = None
         if anomalous:
             a = Anomaly(
                 ts,
-                (p, int(rows.offset[i]), int(rows.row[i])),
+                (p, pos[0], pos[1]),
                 float(rows.score[i]),
                 float(rows.p_value[i]),
                 rows.top(i),
@@ -363,7 +483,10 @@ class IncidentTracker:
     def _touch(self, sk) -> None:
         """Journal a key's state before this batch first changes it."""
         if sk not in self._journal.states:
-            self._journal.states[sk] = _copy(self.states.get(sk))
+            state = self.states.get(sk)
+            if state is not None:
+                state = self._packed.get(sk) or state.pack()
+            self._journal.states[sk] = state
 
     def _mark(self, p: int) -> None:
         if p not in self._journal.marks:
@@ -384,12 +507,13 @@ class IncidentTracker:
     def rollback(self) -> None:
         """Undo every batch not delivered yet, newest first: back to the last delivered one."""
         self._due.clear()
+        self._packed.clear()
         self._queued = [m for j in self._journals for m in j.queued] + self._queued
         for j in reversed(self._journals):
             for sk, old in j.states.items():
                 self.states.pop(sk, None)
                 if old is not None:
-                    self.states[sk] = old
+                    self.states[sk] = KeyState.unpack(old)
             for p, mark in j.marks.items():
                 if mark is None:
                     self.applied.pop(p, None)
@@ -409,6 +533,7 @@ class IncidentTracker:
         gone = set(partitions)
         for sk in [sk for sk in self.states if sk[0] in gone]:
             del self.states[sk]
+            self._packed.pop(sk, None)
         for p in gone:
             self._due.pop(p, None)
             self.applied.pop(p, None)
@@ -428,6 +553,7 @@ class IncidentTracker:
         queued = 0
         for key, raw in states.items():
             state = self.states[(p, key)] = KeyState.unpack(raw)
+            self._packed.pop((p, key), None)
             if not reannounce:
                 continue
             if state.incident is not None:
