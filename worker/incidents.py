@@ -99,6 +99,22 @@ class _Journal:
 
 
 @dataclass(frozen=True, slots=True)
+class _Cand:
+    """One partition's candidate rows of a batch, in order: their index into the batch,
+    offset, row, event time, flag and the partition's stream time at each."""
+
+    idx: np.ndarray
+    off: np.ndarray
+    row: np.ndarray
+    ts: np.ndarray
+    flag: np.ndarray
+    stream: np.ndarray
+
+    def pos(self, k: int) -> tuple[int, int]:
+        return int(self.off[k]), int(self.row[k])
+
+
+@dataclass(frozen=True, slots=True)
 class IncidentConfig:
     topic: str  # the input topic (part of incident ids)
     window: int = 20
@@ -188,7 +204,7 @@ class IncidentTracker:
             stream = np.maximum.accumulate(np.maximum(ts[fresh:hi], stream0))
             at = np.flatnonzero(cand[fresh:hi])
             if len(at):
-                self._rows(p, rows, order[fresh:hi][at], stream[at].tolist(), whole)
+                self._rows(p, rows, order[fresh:hi][at], stream[at], whole)
             self.stream_ms[p] = int(stream[-1])
             self.applied[p] = int(offs[hi - 1]) + 1
             out.applied[p] = (self.applied[p], self.stream_ms[p])
@@ -210,52 +226,55 @@ class IncidentTracker:
             hot |= np.fromiter(map(seen.__contains__, sks), dtype=bool, count=len(sks))
         return hot
 
-    def _rows(self, p: int, rows: Rows, idx: np.ndarray, stream: list, runs: bool) -> None:
+    def _rows(self, p: int, rows: Rows, idx: np.ndarray, stream: np.ndarray, runs: bool) -> None:
         """The candidate rows idx of partition p, in order; stream: the partition's
         stream time at each. With `runs`, a run of rows of one key (the vectors of a
         multi-row record, say) goes to `_run`; else, and a row on its own, to `_row`."""
         keys, states = rows.keys, self.states
         rec = rows.record[idx]
-        flags = rows.is_anomaly[idx]
-        items = list(
-            zip(
-                idx.tolist(),
-                zip(rows.offset[idx].tolist(), rows.row[idx].tolist(), strict=True),
-                rows.ts[idx].tolist(),
-                flags.tolist(),
-                strict=True,
-            )
-        )
-        recs = rec.tolist()
+        c = _Cand(idx, rows.offset[idx], rows.row[idx], rows.ts[idx], rows.is_anomaly[idx], stream)
         # runs: consecutive candidates of one key (a key's records may follow each other)
-        cuts = (np.flatnonzero(np.diff(rec)) + 1).tolist()
-        cuts = (
-            [c for c in cuts if keys[recs[c]] != keys[recs[c - 1]]]
-            if runs
-            else range(1, len(items))
-        )
-        for lo, hi in zip([0, *cuts], [*cuts, len(items)], strict=True):
-            key = keys[recs[lo]]
+        starts = np.flatnonzero(np.diff(rec)) + 1 if runs else np.empty(0, np.int64)
+        cuts = [
+            at
+            for at, r, q in zip(
+                starts.tolist(), rec[starts].tolist(), rec[starts - 1].tolist(), strict=True
+            )
+            if keys[r] != keys[q]
+        ]
+        bounds = list(zip([0, *cuts], [*cuts, len(idx)], strict=True))
+        single = [lo for lo, hi in bounds if hi - lo == 1] if runs else range(len(idx))
+        if len(single):  # their values as Python objects, at once
+            at = np.asarray(single, dtype=np.int64)
+            one = iter(
+                zip(
+                    *(v[at].tolist() for v in (c.idx, c.off, c.row, c.ts, c.flag, c.stream)),
+                    rec[at].tolist(),
+                    strict=True,
+                )
+            )
+        for lo, hi in bounds if runs else ((i, i + 1) for i in range(len(idx))):
             if hi - lo > 1:
-                self._run(p, key, rows, items[lo:hi], flags[lo:hi], stream[lo:hi])
+                self._run(p, keys[int(rec[lo])], rows, c, lo, hi)
                 continue
-            i, pos, t, anomalous = items[lo]
+            i, off, row, t, anomalous, now, r = next(one)
+            key = keys[r]
             if anomalous or (p, key) in states:
-                self._sweep(p, stream[lo])
-                self._row(p, key, rows, i, pos, t, anomalous)
+                self._sweep(p, now)
+                self._row(p, key, rows, i, (off, row), t, anomalous)
 
-    def _run(self, p: int, key, rows: Rows, items: list, flags: np.ndarray, stream: list) -> None:
-        """Consecutive candidate rows of one key. Its normal rows between two anomalous
-        ones change the key's state all in the same way, so a stretch of them is applied
-        at once when no sweep could act within it; the rest goes row by row."""
+    def _run(self, p: int, key, rows: Rows, c: _Cand, lo: int, hi: int) -> None:
+        """Candidate rows lo .. hi - 1, all of one key. Its normal rows between two
+        anomalous ones change the key's state all in the same way, so a stretch of them
+        is applied at once when no sweep could act within it; the rest goes row by row."""
         sk = (p, key)
-        anomalous_at = np.flatnonzero(flags).tolist()
-        n, k, a = len(items), 0, 0
-        while k < n:
+        anomalous_at = (lo + np.flatnonzero(c.flag[lo:hi])).tolist()
+        k, a = lo, 0
+        while k < hi:
             while a < len(anomalous_at) and anomalous_at[a] < k:
                 a += 1
-            m = anomalous_at[a] if a < len(anomalous_at) else n  # the stretch: k .. m - 1
-            i, pos, t, anomalous = items[k]
+            m = anomalous_at[a] if a < len(anomalous_at) else hi  # the stretch: k .. m - 1
+            pos = c.pos(k)
             state = self.states.get(sk)
             if (
                 m - k > 1
@@ -263,17 +282,20 @@ class IncidentTracker:
                 and pos > state.pos
                 # every sweep of the stretch returns at once: _due is a lower bound of
                 # every deadline on p (this key's too), and the stretch moves none earlier
-                and stream[m - 1] < self._due.get(p, -(1 << 62))
+                and int(c.stream[m - 1]) < self._due.get(p, -(1 << 62))
             ):
-                self._stretch(p, key, state, items[m - 1][1], [it[2] for it in items[k:m]])
+                self._stretch(p, key, state, c.pos(m - 1), c.ts[k:m])
                 k = m
                 continue
-            if anomalous or state is not None:
-                self._sweep(p, stream[k])
-                self._row(p, key, rows, i, pos, t, anomalous)
+            anomalous = k == m
+            if state is None and not anomalous:
+                k = m  # the key holds nothing: its normal rows up to the next anomaly are no-ops
+                continue
+            self._sweep(p, int(c.stream[k]))
+            self._row(p, key, rows, int(c.idx[k]), pos, int(c.ts[k]), anomalous)
             k += 1
 
-    def _stretch(self, p: int, key, state: KeyState, last: tuple, ts: list) -> None:
+    def _stretch(self, p: int, key, state: KeyState, last: tuple, ts: np.ndarray) -> None:
         """What `_row` does to a key with state, row after row, for normal rows at
         event times ts, the last one at position `last`, where no sweep acts."""
         cfg = self.config
@@ -283,16 +305,16 @@ class IncidentTracker:
         inc = state.incident
         if inc is not None:
             if inc.dirty:
-                due = inc.announced_ms + cfg.update_ms
-                q = next((q for q, t in enumerate(ts) if t >= due), None)
-                if q is not None:  # the row that sends the update
+                hit = np.flatnonzero(ts >= inc.announced_ms + cfg.update_ms)
+                if len(hit):  # the row that sends the update
+                    q = int(hit[0])
                     inc.records += q + 1
-                    inc.updated_ms = max(inc.updated_ms, *ts[: q + 1])
+                    inc.updated_ms = max(inc.updated_ms, int(ts[: q + 1].max()))
                     self._announce(key, inc, "open")
                     ts = ts[q + 1 :]
-            if ts:
+            if len(ts):
                 inc.records += len(ts)
-                inc.updated_ms = max(inc.updated_ms, *ts)
+                inc.updated_ms = max(inc.updated_ms, int(ts.max()))
         else:
             mask = state.mask
             if state.closed is None:
