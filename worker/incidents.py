@@ -28,6 +28,7 @@ reads, the state it keeps and the changelog form: worker/incident_records.py.
 from __future__ import annotations
 
 import hashlib
+import heapq
 import math
 from dataclasses import dataclass, field
 
@@ -137,6 +138,14 @@ class IncidentTracker:
         self.applied: dict[int, int] = {}  # partition → next offset not yet applied
         self.stream_ms: dict[int, int] = {}  # partition → largest event time seen
         self._due: dict[int, int] = {}  # partition → no key resolves before this stream time
+        # Expiry without a scan of every key: per partition a heap of (bound, tick, key)
+        # with, for each key that has state, one live entry whose bound is at most the
+        # key's deadline (`_bound`: key → (bound, tick) of that entry; others are stale);
+        # and the dict order of `states` as a stamp per key, to expire in that order.
+        self._heap: dict[int, list] = {}
+        self._bound: dict[tuple[int, bytes | None], tuple[int, int]] = {}
+        self._stamp: dict[tuple[int, bytes | None], int] = {}
+        self._tick = 0
         self._journals: list[_Journal] = []  # undelivered batches, oldest first
         self._queued: list = []  # re-announcements for the next batch
         self._journal: _Journal | None = None
@@ -173,6 +182,8 @@ class IncidentTracker:
                 else:
                     changed[key] = packed[(p, key)] = state.pack()
         self._journal = self._out = None
+        if len(self._stamp) > 2 * len(self.states) + 1024:  # keys that left long ago
+            self._stamp = {sk: self._stamp[sk] for sk in self.states}
         return out
 
     def _apply(self, rows: Rows) -> None:
@@ -331,6 +342,7 @@ class IncidentTracker:
             del state.pending[: len(state.pending) - state.mask.bit_count()]
         state.pos = last
         self.states[sk] = state
+        self._placed(sk, state)
         self._due[p] = min(self._due.get(p, 1 << 62), state.last_anomaly_ms + cfg.quiet_ms)
         self._changed(sk, state)
 
@@ -387,6 +399,7 @@ class IncidentTracker:
                 self._changed(sk, None)
                 return
         self.states[sk] = state
+        self._placed(sk, state)
         self._due[p] = min(self._due.get(p, 1 << 62), state.last_anomaly_ms + cfg.quiet_ms)
         self._changed(sk, state)
 
@@ -419,14 +432,50 @@ class IncidentTracker:
         """Resolve (or forget) what expired on partition p: quiet long enough."""
         if stream < self._due.get(p, -(1 << 62)):
             return
-        for sk in [
-            sk for sk, s in self.states.items() if sk[0] == p and stream >= self._deadline(s)
-        ]:
+        heap, bound = self._heap.get(p, []), self._bound
+        expired = []
+        while heap and heap[0][0] <= stream:
+            entry = heapq.heappop(heap)
+            sk = entry[2]
+            if bound.get(sk) != entry[:2]:
+                continue  # stale: the key has a lower entry
+            del bound[sk]
+            state = self.states.get(sk)
+            if state is None:
+                continue
+            deadline = self._deadline(state)
+            if stream >= deadline:
+                expired.append(sk)
+            else:  # its deadline moved later
+                self._push(sk, deadline)
+        expired.sort(key=self._stamp.__getitem__)  # in dict order, as a scan would find them
+        for sk in expired:
             self._expire(sk)
-        # deadlines only move later, so this stays a lower bound until a rollback or restore
-        self._due[p] = min(
-            (self._deadline(s) for sk, s in self.states.items() if sk[0] == p), default=1 << 62
-        )
+        # a lower bound of every deadline on p until a rollback or restore
+        self._due[p] = heap[0][0] if heap else 1 << 62
+
+    def _push(self, sk, deadline: int) -> None:
+        self._tick += 1
+        self._bound[sk] = (deadline, self._tick)
+        heapq.heappush(self._heap.setdefault(sk[0], []), (deadline, self._tick, sk))
+
+    def _placed(self, sk, state: KeyState, moved: bool = True) -> None:
+        """sk holds `state` now (`moved`: at the end of the dict order)."""
+        if moved:
+            self._tick += 1
+            self._stamp[sk] = self._tick
+        deadline = self._deadline(state)
+        b = self._bound.get(sk)
+        if b is None or deadline < b[0]:
+            self._push(sk, deadline)
+
+    def _reindex(self) -> None:
+        """Stamps and heap entries for every key, from scratch (after a rollback)."""
+        self._heap.clear()
+        self._bound.clear()
+        self._stamp.clear()
+        for sk, state in self.states.items():
+            self._placed(sk, state)
 
     def _expire(self, sk) -> None:
         self._touch(sk)
@@ -443,6 +492,7 @@ class IncidentTracker:
             self._changed(sk, None)
         else:
             self.states[sk] = state
+            self._placed(sk, state)
             self._changed(sk, state)
 
     def _drop(self, sk, resolution: str) -> None:
@@ -543,6 +593,7 @@ class IncidentTracker:
                 else:
                     self.applied[p], self.stream_ms[p] = mark
         self._journals.clear()
+        self._reindex()
 
     # -- partitions ------------------------------------------------------------------
 
@@ -556,7 +607,11 @@ class IncidentTracker:
         for sk in [sk for sk in self.states if sk[0] in gone]:
             del self.states[sk]
             self._packed.pop(sk, None)
+            self._stamp.pop(sk, None)
+        for sk in [sk for sk in self._bound if sk[0] in gone]:
+            del self._bound[sk]
         for p in gone:
+            self._heap.pop(p, None)
             self._due.pop(p, None)
             self.applied.pop(p, None)
             self.stream_ms.pop(p, None)
@@ -574,8 +629,10 @@ class IncidentTracker:
         resolve message once more (same id and sequence). Returns the incidents queued."""
         queued = 0
         for key, raw in states.items():
+            moved = (p, key) not in self.states  # an existing key keeps its place
             state = self.states[(p, key)] = KeyState.unpack(raw)
             self._packed.pop((p, key), None)
+            self._placed((p, key), state, moved)
             if not reannounce:
                 continue
             if state.incident is not None:

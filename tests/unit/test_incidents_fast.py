@@ -305,3 +305,27 @@ def test_rows_of_a_run_already_in_the_key_state_are_skipped():
     same_out(a, b)
     same(fast, ref)
     assert a.skipped == 7 and a.changed == {}
+
+
+def test_a_restore_over_held_keys_keeps_their_order():
+    """Restoring a partition's key that the tracker already holds leaves it where it
+    is in the eviction (and expiry) order."""
+    config = IncidentConfig(topic="t", window=5, open_share=0.4, quiet_ms=100)
+    rng = np.random.default_rng(0)
+
+    def batch(*records):
+        spec = [(0, o, k, t, [(f, 2.0, 1e-6)], False) for o, k, t, f in records]
+        return to_rows(spec, rng, empty=0.0)
+
+    fast, ref = IncidentTracker(config), ReferenceTracker(config)
+    first = batch((0, b"a", 0, True), (1, b"b", 0, True))
+    outs = [t.observe(first) for t in (fast, ref)]
+    a_state = outs[0].changed[0][b"a"]
+    for t in (fast, ref):
+        t.settled()
+        t.restore(0, {b"a": a_state}, 2, 0)
+    same(fast, ref)
+    later = batch((2, b"c", 500, False))  # both a and b expire here, a first
+    a, b = fast.observe(later), ref.observe(later)
+    same_out(a, b)
+    assert list(a.changed[0]) == [b"a", b"b"]
