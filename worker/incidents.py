@@ -146,6 +146,7 @@ class IncidentTracker:
         self._bound: dict[tuple[int, bytes | None], tuple[int, int]] = {}
         self._stamp: dict[tuple[int, bytes | None], int] = {}
         self._tick = 0
+        self._open_now: int | None = 0  # open incidents; None: count them again
         self._journals: list[_Journal] = []  # undelivered batches, oldest first
         self._queued: list = []  # re-announcements for the next batch
         self._journal: _Journal | None = None
@@ -158,7 +159,9 @@ class IncidentTracker:
     # -- gauges -------------------------------------------------------------------
 
     def open_incidents(self) -> int:
-        return sum(1 for s in self.states.values() if s.incident is not None)
+        if self._open_now is None:  # after a rollback, restore or dropped partitions
+            self._open_now = sum(1 for s in self.states.values() if s.incident is not None)
+        return self._open_now
 
     # -- one batch ----------------------------------------------------------------
 
@@ -418,6 +421,7 @@ class IncidentTracker:
             announced_ms=at.ts,
         )
         self._out.opened += 1
+        self._opened(1)
         self._announce(key, inc, "open")
         return inc
 
@@ -454,6 +458,10 @@ class IncidentTracker:
         # a lower bound of every deadline on p until a rollback or restore
         self._due[p] = heap[0][0] if heap else 1 << 62
 
+    def _opened(self, n: int) -> None:
+        if self._open_now is not None:
+            self._open_now += n
+
     def _push(self, sk, deadline: int) -> None:
         self._tick += 1
         self._bound[sk] = (deadline, self._tick)
@@ -484,6 +492,7 @@ class IncidentTracker:
             self._out.resolved += 1
             state.closed = self._announce(sk[1], state.incident, "resolved", "quiet").decode()
             state.incident = None
+            self._opened(-1)
         elif state.pending:
             state.mask, state.pending = 0, []
         else:
@@ -502,6 +511,7 @@ class IncidentTracker:
             self._out.resolved += 1
             self._out.evicted += resolution == "evicted"
             self._announce(sk[1], state.incident, "resolved", resolution)
+            self._opened(-1)
         self._changed(sk, None)
 
     def _evict_for_one(self) -> None:
@@ -594,6 +604,7 @@ class IncidentTracker:
                     self.applied[p], self.stream_ms[p] = mark
         self._journals.clear()
         self._reindex()
+        self._open_now = None
 
     # -- partitions ------------------------------------------------------------------
 
@@ -610,6 +621,7 @@ class IncidentTracker:
             self._stamp.pop(sk, None)
         for sk in [sk for sk in self._bound if sk[0] in gone]:
             del self._bound[sk]
+        self._open_now = None
         for p in gone:
             self._heap.pop(p, None)
             self._due.pop(p, None)
@@ -644,6 +656,7 @@ class IncidentTracker:
                 self._queued.append((key, state.closed.encode(), [("schema", SCHEMA_HEADER)]))
                 queued += 1
         self._due.pop(p, None)
+        self._open_now = None
         if applied is not None:
             self.applied[p] = applied
             self.stream_ms[p] = stream_ms
