@@ -28,13 +28,13 @@ reads, the state it keeps and the changelog form: worker/incident_records.py.
 from __future__ import annotations
 
 import hashlib
-import heapq
 import math
 from dataclasses import dataclass, field
 
 import numpy as np
 import orjson
 
+from worker.incident_expiry import Deadlines
 from worker.incident_records import (  # re-exported: the tracker's API
     Anomaly,
     Incident,
@@ -138,14 +138,7 @@ class IncidentTracker:
         self.applied: dict[int, int] = {}  # partition → next offset not yet applied
         self.stream_ms: dict[int, int] = {}  # partition → largest event time seen
         self._due: dict[int, int] = {}  # partition → no key resolves before this stream time
-        # Expiry without a scan of every key: per partition a heap of (bound, tick, key)
-        # with, for each key that has state, one live entry whose bound is at most the
-        # key's deadline (`_bound`: key → (bound, tick) of that entry; others are stale);
-        # and the dict order of `states` as a stamp per key, to expire in that order.
-        self._heap: dict[int, list] = {}
-        self._bound: dict[tuple[int, bytes | None], tuple[int, int]] = {}
-        self._stamp: dict[tuple[int, bytes | None], int] = {}
-        self._tick = 0
+        self._deadlines = Deadlines()  # what expired, without a scan of every key
         self._open_now: int | None = 0  # open incidents; None: count them again
         self._journals: list[_Journal] = []  # undelivered batches, oldest first
         self._queued: list = []  # re-announcements for the next batch
@@ -185,8 +178,7 @@ class IncidentTracker:
                 else:
                     changed[key] = packed[(p, key)] = state.pack()
         self._journal = self._out = None
-        if len(self._stamp) > 2 * len(self.states) + 1024:  # keys that left long ago
-            self._stamp = {sk: self._stamp[sk] for sk in self.states}
+        self._deadlines.prune(self.states)
         return out
 
     def _apply(self, rows: Rows) -> None:
@@ -436,54 +428,18 @@ class IncidentTracker:
         """Resolve (or forget) what expired on partition p: quiet long enough."""
         if stream < self._due.get(p, -(1 << 62)):
             return
-        heap, bound = self._heap.get(p, []), self._bound
-        expired = []
-        while heap and heap[0][0] <= stream:
-            entry = heapq.heappop(heap)
-            sk = entry[2]
-            if bound.get(sk) != entry[:2]:
-                continue  # stale: the key has a lower entry
-            del bound[sk]
-            state = self.states.get(sk)
-            if state is None:
-                continue
-            deadline = self._deadline(state)
-            if stream >= deadline:
-                expired.append(sk)
-            else:  # its deadline moved later
-                self._push(sk, deadline)
-        expired.sort(key=self._stamp.__getitem__)  # in dict order, as a scan would find them
-        for sk in expired:
+        for sk in self._deadlines.expired(p, stream, self.states, self._deadline):
             self._expire(sk)
         # a lower bound of every deadline on p until a rollback or restore
-        self._due[p] = heap[0][0] if heap else 1 << 62
+        self._due[p] = self._deadlines.lower_bound(p)
 
     def _opened(self, n: int) -> None:
         if self._open_now is not None:
             self._open_now += n
 
-    def _push(self, sk, deadline: int) -> None:
-        self._tick += 1
-        self._bound[sk] = (deadline, self._tick)
-        heapq.heappush(self._heap.setdefault(sk[0], []), (deadline, self._tick, sk))
-
     def _placed(self, sk, state: KeyState, moved: bool = True) -> None:
         """sk holds `state` now (`moved`: at the end of the dict order)."""
-        if moved:
-            self._tick += 1
-            self._stamp[sk] = self._tick
-        deadline = self._deadline(state)
-        b = self._bound.get(sk)
-        if b is None or deadline < b[0]:
-            self._push(sk, deadline)
-
-    def _reindex(self) -> None:
-        """Stamps and heap entries for every key, from scratch (after a rollback)."""
-        self._heap.clear()
-        self._bound.clear()
-        self._stamp.clear()
-        for sk, state in self.states.items():
-            self._placed(sk, state)
+        self._deadlines.placed(sk, self._deadline(state), moved)
 
     def _expire(self, sk) -> None:
         self._touch(sk)
@@ -603,7 +559,7 @@ class IncidentTracker:
                 else:
                     self.applied[p], self.stream_ms[p] = mark
         self._journals.clear()
-        self._reindex()
+        self._deadlines.rebuild(self.states, self._deadline)
         self._open_now = None
 
     # -- partitions ------------------------------------------------------------------
@@ -618,12 +574,9 @@ class IncidentTracker:
         for sk in [sk for sk in self.states if sk[0] in gone]:
             del self.states[sk]
             self._packed.pop(sk, None)
-            self._stamp.pop(sk, None)
-        for sk in [sk for sk in self._bound if sk[0] in gone]:
-            del self._bound[sk]
+        self._deadlines.drop(gone)
         self._open_now = None
         for p in gone:
-            self._heap.pop(p, None)
             self._due.pop(p, None)
             self.applied.pop(p, None)
             self.stream_ms.pop(p, None)
