@@ -133,6 +133,7 @@ class IncidentTracker:
     def __init__(self, config: IncidentConfig):
         self.config = config
         self._full = (1 << config.window) - 1
+        self._open_count = config.open_count
         # (partition, key) → state; dict order = least recently touched first (eviction)
         self.states: dict[tuple[int, bytes | None], KeyState] = {}
         self.applied: dict[int, int] = {}  # partition → next offset not yet applied
@@ -266,7 +267,8 @@ class IncidentTracker:
             i, off, row, t, anomalous, now, r = next(one)
             key = keys[r]
             if anomalous or (p, key) in states:
-                self._sweep(p, now)
+                if now >= self._due.get(p, -(1 << 62)):
+                    self._sweep(p, now)
                 self._row(p, key, rows, i, (off, row), t, anomalous)
 
     def _run(self, p: int, key, rows: Rows, c: _Cand, lo: int, hi: int) -> None:
@@ -342,13 +344,14 @@ class IncidentTracker:
         self._changed(sk, state)
 
     def _row(self, p: int, key, rows: Rows, i: int, pos: tuple, ts: int, anomalous: bool) -> None:
-        cfg = self.config
+        cfg, states = self.config, self.states
         sk = (p, key)
-        state = self.states.get(sk)
+        state = states.get(sk)
         if state is None:
             if not anomalous:
                 return
-            self._evict_for_one()
+            if len(states) >= cfg.max_keys:
+                self._evict_for_one()
             self._touch(sk)
             state = KeyState()
         else:
@@ -356,7 +359,7 @@ class IncidentTracker:
                 self._out.skipped += 1  # already in this key's state (see KeyState.pos)
                 return
             self._touch(sk)
-            del self.states[sk]  # re-inserted below: most recently touched last
+            del states[sk]  # re-inserted below: most recently touched last
         state.pos = pos
         a = None
         if anomalous:
@@ -387,16 +390,19 @@ class IncidentTracker:
             if a is not None:
                 state.pending.append(a)
             del state.pending[: len(state.pending) - state.mask.bit_count()]
-            if a is not None and len(state.pending) >= cfg.open_count:
+            if a is not None and len(state.pending) >= self._open_count:
                 state.incident = self._open(p, key, state, a)
                 state.mask, state.pending = 0, []
             elif not state.pending and state.closed is None:
                 self._changed(sk, None)
                 return
-        self.states[sk] = state
-        self._placed(sk, state)
-        self._due[p] = min(self._due.get(p, 1 << 62), state.last_anomaly_ms + cfg.quiet_ms)
-        self._changed(sk, state)
+        states[sk] = state
+        quiet = state.last_anomaly_ms + cfg.quiet_ms  # the deadline, see _deadline
+        self._deadlines.placed(
+            sk, quiet if state.incident is not None or state.pending else quiet + cfg.quiet_ms
+        )
+        self._due[p] = min(self._due.get(p, 1 << 62), quiet)
+        self._out.changed.setdefault(p, {})[key] = state
 
     def _open(self, p: int, key, state: KeyState, at: Anomaly) -> Incident:
         pending = state.pending
@@ -520,11 +526,12 @@ class IncidentTracker:
 
     def _touch(self, sk) -> None:
         """Journal a key's state before this batch first changes it."""
-        if sk not in self._journal.states:
+        journal = self._journal.states
+        if sk not in journal:
             state = self.states.get(sk)
             if state is not None:
                 state = self._packed.get(sk) or state.pack()
-            self._journal.states[sk] = state
+            journal[sk] = state
 
     def _mark(self, p: int) -> None:
         if p not in self._journal.marks:
