@@ -23,6 +23,13 @@ backlog yields the same incidents as the live stream:
 Every batch's changes are journalled until the batch is delivered, so a failed
 delivery rolls the tracker back to the last delivered batch (`rollback`). The rows it
 reads, the state it keeps and the changelog form: worker/incident_records.py.
+
+Cost: a row changes something only if it is anomalous or its key holds state, so the
+batch picks those rows out in numpy and C and looks at only them in Python; a run of
+one key's normal rows (a multi-row record's vectors) is applied at once; what expired
+comes from a heap of deadlines (worker/incident_expiry.py), not a scan of every key.
+The result is the per-row path's, message for message and byte for byte
+(tests/unit/test_incidents_fast.py keeps that path as the oracle).
 """
 
 from __future__ import annotations
