@@ -144,7 +144,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         prog="python -m tests.bench.incidents", description=__doc__.split("\n\n")[0]
     )
     p.add_argument("--batches", type=int, default=300, help="measured batches per scenario")
-    p.add_argument("--warmup", type=int, default=300, help="batches before measuring")
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=1300,
+        help="batches before measuring (100k keys hold their steady-state keys after ~1 200)",
+    )
     p.add_argument("--only", default="", help="scenario names containing this text")
     p.add_argument("--baseline-repo", help="also time this checkout's worker/incidents.py")
     p.add_argument("--no-write", action="store_true", help="leave results/incidents.json alone")
