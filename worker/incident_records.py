@@ -9,6 +9,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
+from operator import attrgetter
 
 import numpy as np
 import orjson
@@ -148,11 +149,12 @@ class Rows:
 def rows_of(decoded, result, feature_names: list[str], version: str) -> Rows:
     """The tracker's view of a scored batch (worker.codec.Decoded, worker.scoring.BatchScores)."""
     records = decoded.records
-    rec_ts = np.fromiter(
-        (t or r.timestamp for t, r in zip(decoded.timestamps, records, strict=True)),
-        dtype=np.int64,
-        count=len(records),
-    )
+    n = len(records)
+    kafka_ts = np.fromiter(map(attrgetter("timestamp"), records), dtype=np.int64, count=n)
+    rec_ts = kafka_ts  # the record's `ts`, else its Kafka timestamp
+    if any(decoded.timestamps):
+        pairs = zip(decoded.timestamps, kafka_ts.tolist(), strict=True)
+        rec_ts = np.fromiter((t or k for t, k in pairs), dtype=np.int64, count=n)
     rec_idx = decoded.record_index
     explained = result.explained
 
@@ -169,15 +171,15 @@ def rows_of(decoded, result, feature_names: list[str], version: str) -> Rows:
         ]
 
     return Rows(
-        partition=np.fromiter((r.partition for r in records), np.int64, len(records))[rec_idx],
-        offset=np.fromiter((r.offset for r in records), np.int64, len(records))[rec_idx],
+        partition=np.fromiter(map(attrgetter("partition"), records), np.int64, n)[rec_idx],
+        offset=np.fromiter(map(attrgetter("offset"), records), np.int64, n)[rec_idx],
         row=decoded.row_index,
         ts=rec_ts[rec_idx],
         is_anomaly=result.is_anomaly,
         score=result.scores,
         p_value=result.p_values,
         record=rec_idx,
-        keys=[r.key for r in records],
+        keys=list(map(attrgetter("key"), records)),
         top=top,
         version=version,
     )

@@ -23,6 +23,13 @@ backlog yields the same incidents as the live stream:
 Every batch's changes are journalled until the batch is delivered, so a failed
 delivery rolls the tracker back to the last delivered batch (`rollback`). The rows it
 reads, the state it keeps and the changelog form: worker/incident_records.py.
+
+Cost: a row changes something only if it is anomalous or its key holds state, so the
+batch picks those rows out in numpy and C and looks at only them in Python; a run of
+one key's normal rows (a multi-row record's vectors) is applied at once; what expired
+comes from a heap of deadlines (worker/incident_expiry.py), not a scan of every key.
+The result is the per-row path's, message for message and byte for byte
+(tests/unit/test_incidents_fast.py keeps that path as the oracle).
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import orjson
 
+from worker.incident_expiry import Deadlines
 from worker.incident_records import (  # re-exported: the tracker's API
     Anomaly,
     Incident,
@@ -93,9 +101,25 @@ def incident_id(topic: str, src: Src, key: bytes | None) -> str:
 class _Journal:
     """The state before one batch touched it: what `rollback` puts back."""
 
-    states: dict = field(default_factory=dict)  # (p, key) → KeyState copy | None
+    states: dict = field(default_factory=dict)  # (p, key) → packed KeyState | None
     marks: dict = field(default_factory=dict)  # p → (applied, stream) | None
     queued: list = field(default_factory=list)  # re-announcements this batch carried
+
+
+@dataclass(frozen=True, slots=True)
+class _Cand:
+    """One partition's candidate rows of a batch, in order: their index into the batch,
+    offset, row, event time, flag and the partition's stream time at each."""
+
+    idx: np.ndarray
+    off: np.ndarray
+    row: np.ndarray
+    ts: np.ndarray
+    flag: np.ndarray
+    stream: np.ndarray
+
+    def pos(self, k: int) -> tuple[int, int]:
+        return int(self.off[k]), int(self.row[k])
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,28 +136,33 @@ class IncidentConfig:
         return open_count(self.window, self.open_share)
 
 
-def _copy(state: KeyState | None) -> KeyState | None:
-    return None if state is None else KeyState.unpack(state.pack())
-
-
 class IncidentTracker:
     def __init__(self, config: IncidentConfig):
         self.config = config
         self._full = (1 << config.window) - 1
+        self._open_count = config.open_count
         # (partition, key) → state; dict order = least recently touched first (eviction)
         self.states: dict[tuple[int, bytes | None], KeyState] = {}
         self.applied: dict[int, int] = {}  # partition → next offset not yet applied
         self.stream_ms: dict[int, int] = {}  # partition → largest event time seen
         self._due: dict[int, int] = {}  # partition → no key resolves before this stream time
+        self._deadlines = Deadlines()  # what expired, without a scan of every key
+        self._open_now: int | None = 0  # open incidents; None: count them again
         self._journals: list[_Journal] = []  # undelivered batches, oldest first
         self._queued: list = []  # re-announcements for the next batch
         self._journal: _Journal | None = None
         self._out: Observed | None = None
+        # (partition, key) → its state as packed at the end of the last batch that changed
+        # it: a state changes only in `observe`, and every state a batch touched is packed
+        # for the changelog at its end, so this is what the journal keeps of it.
+        self._packed: dict[tuple[int, bytes | None], bytes] = {}
 
     # -- gauges -------------------------------------------------------------------
 
     def open_incidents(self) -> int:
-        return sum(1 for s in self.states.values() if s.incident is not None)
+        if self._open_now is None:  # after a rollback, restore or dropped partitions
+            self._open_now = sum(1 for s in self.states.values() if s.incident is not None)
+        return self._open_now
 
     # -- one batch ----------------------------------------------------------------
 
@@ -149,10 +178,15 @@ class IncidentTracker:
             self._apply(rows)
         for p in sorted(out.applied):
             self._sweep(p, self.stream_ms[p])
-        for changed in out.changed.values():
+        packed = self._packed
+        for p, changed in out.changed.items():
             for key, state in changed.items():
-                changed[key] = None if state is None else state.pack()
+                if state is None:
+                    packed.pop((p, key), None)
+                else:
+                    changed[key] = packed[(p, key)] = state.pack()
         self._journal = self._out = None
+        self._deadlines.prune(self.states)
         return out
 
     def _apply(self, rows: Rows) -> None:
@@ -162,8 +196,13 @@ class IncidentTracker:
         offs = rows.offset[order]
         ts = rows.ts[order]
         flags = rows.is_anomaly[order]
-        keys = rows.keys
-        states = self.states
+        # Only rows that are anomalous, or whose key has state, change anything: the
+        # rows of a key that has state now or an anomalous row in this batch are the
+        # candidates, decided per record in C; each is checked again when its turn comes.
+        cand = flags | self._hot_records(rows)[rows.record[order]]
+        # a row read twice in one batch counts once (KeyState.pos): then row by row
+        rws = rows.row[order]
+        whole = not np.any((np.diff(offs) == 0) & (np.diff(rws) == 0) & (np.diff(part) == 0))
         bounds = np.flatnonzero(np.diff(part)) + 1
         for lo, hi in zip(
             np.concatenate(([0], bounds)), np.concatenate((bounds, [len(part)])), strict=True
@@ -177,43 +216,163 @@ class IncidentTracker:
             self._mark(p)
             stream0 = self.stream_ms.get(p, -(1 << 62))
             stream = np.maximum.accumulate(np.maximum(ts[fresh:hi], stream0))
-            # Only rows that are anomalous, or whose key has state, change anything.
-            fl = flags[fresh:hi].tolist()
-            if states or True in fl:
-                idx = order[fresh:hi].tolist()
-                rk = rows.record[order[fresh:hi]].tolist()
-                for j in range(hi - fresh):
-                    # A row changes something only if it is anomalous or its key has state.
-                    if fl[j] or (p, keys[rk[j]]) in states:
-                        self._sweep(p, int(stream[j]))
-                        self._row(p, keys[rk[j]], rows, idx[j], fl[j])
+            at = np.flatnonzero(cand[fresh:hi])
+            if len(at):
+                self._rows(p, rows, order[fresh:hi][at], stream[at], whole)
             self.stream_ms[p] = int(stream[-1])
             self.applied[p] = int(offs[hi - 1]) + 1
             out.applied[p] = (self.applied[p], self.stream_ms[p])
 
-    def _row(self, p: int, key, rows: Rows, i: int, anomalous: bool) -> None:
+    def _hot_records(self, rows: Rows) -> np.ndarray:
+        """Per record: does its (partition, key) hold state, or have an anomalous row here?"""
+        keys = rows.keys
+        hot = np.zeros(len(keys), dtype=bool)
+        anomalous = np.flatnonzero(rows.is_anomaly)
+        if not self.states and not len(anomalous):
+            return hot
+        rec_p = np.full(len(keys), -1, dtype=np.int64)  # records without rows: no partition
+        rec_p[rows.record] = rows.partition
+        sks = list(zip(rec_p.tolist(), keys, strict=True))
+        if self.states:
+            hot |= np.fromiter(map(self.states.__contains__, sks), dtype=bool, count=len(sks))
+        if len(anomalous):
+            seen = {sks[r] for r in rows.record[anomalous].tolist()}
+            hot |= np.fromiter(map(seen.__contains__, sks), dtype=bool, count=len(sks))
+        return hot
+
+    def _rows(self, p: int, rows: Rows, idx: np.ndarray, stream: np.ndarray, runs: bool) -> None:
+        """The candidate rows idx of partition p, in order; stream: the partition's
+        stream time at each. With `runs`, a run of rows of one key (the vectors of a
+        multi-row record, say) goes to `_run`; else, and a row on its own, to `_row`."""
+        keys, states = rows.keys, self.states
+        rec = rows.record[idx]
+        c = _Cand(idx, rows.offset[idx], rows.row[idx], rows.ts[idx], rows.is_anomaly[idx], stream)
+        # runs: consecutive candidates of one key (a key's records may follow each other)
+        starts = np.flatnonzero(np.diff(rec)) + 1 if runs else np.empty(0, np.int64)
+        cuts = [
+            at
+            for at, r, q in zip(
+                starts.tolist(), rec[starts].tolist(), rec[starts - 1].tolist(), strict=True
+            )
+            if keys[r] != keys[q]
+        ]
+        bounds = list(zip([0, *cuts], [*cuts, len(idx)], strict=True))
+        single = [lo for lo, hi in bounds if hi - lo == 1] if runs else range(len(idx))
+        if len(single):  # their values as Python objects, at once
+            at = np.asarray(single, dtype=np.int64)
+            one = iter(
+                zip(
+                    *(v[at].tolist() for v in (c.idx, c.off, c.row, c.ts, c.flag, c.stream)),
+                    rec[at].tolist(),
+                    strict=True,
+                )
+            )
+        for lo, hi in bounds if runs else ((i, i + 1) for i in range(len(idx))):
+            if hi - lo > 1:
+                self._run(p, keys[int(rec[lo])], rows, c, lo, hi)
+                continue
+            i, off, row, t, anomalous, now, r = next(one)
+            key = keys[r]
+            if anomalous or (p, key) in states:
+                if now >= self._due.get(p, -(1 << 62)):
+                    self._sweep(p, now)
+                self._row(p, key, rows, i, (off, row), t, anomalous)
+
+    def _run(self, p: int, key, rows: Rows, c: _Cand, lo: int, hi: int) -> None:
+        """Candidate rows lo .. hi - 1, all of one key. Its normal rows between two
+        anomalous ones change the key's state all in the same way, so a stretch of them
+        is applied at once when no sweep could act within it; the rest goes row by row."""
+        sk = (p, key)
+        anomalous_at = (lo + np.flatnonzero(c.flag[lo:hi])).tolist()
+        k, a = lo, 0
+        while k < hi:
+            while a < len(anomalous_at) and anomalous_at[a] < k:
+                a += 1
+            m = anomalous_at[a] if a < len(anomalous_at) else hi  # the stretch: k .. m - 1
+            pos = c.pos(k)
+            state = self.states.get(sk)
+            if (
+                m - k > 1
+                and state is not None
+                and pos > state.pos
+                # every sweep of the stretch returns at once: _due is a lower bound of
+                # every deadline on p (this key's too), and the stretch moves none earlier
+                and int(c.stream[m - 1]) < self._due.get(p, -(1 << 62))
+            ):
+                self._stretch(p, key, state, c.pos(m - 1), c.ts[k:m])
+                k = m
+                continue
+            anomalous = k == m
+            if state is None and not anomalous:
+                k = m  # the key holds nothing: its normal rows up to the next anomaly are no-ops
+                continue
+            self._sweep(p, int(c.stream[k]))
+            self._row(p, key, rows, int(c.idx[k]), pos, int(c.ts[k]), anomalous)
+            k += 1
+
+    def _stretch(self, p: int, key, state: KeyState, last: tuple, ts: np.ndarray) -> None:
+        """What `_row` does to a key with state, row after row, for normal rows at
+        event times ts, the last one at position `last`, where no sweep acts."""
         cfg = self.config
         sk = (p, key)
-        state = self.states.get(sk)
-        ts = int(rows.ts[i])
+        self._touch(sk)
+        del self.states[sk]  # re-inserted below: most recently touched last
+        inc = state.incident
+        if inc is not None:
+            if inc.dirty:
+                hit = np.flatnonzero(ts >= inc.announced_ms + cfg.update_ms)
+                if len(hit):  # the row that sends the update
+                    q = int(hit[0])
+                    inc.records += q + 1
+                    inc.updated_ms = max(inc.updated_ms, int(ts[: q + 1].max()))
+                    self._announce(key, inc, "open")
+                    ts = ts[q + 1 :]
+            if len(ts):
+                inc.records += len(ts)
+                inc.updated_ms = max(inc.updated_ms, int(ts.max()))
+        else:
+            mask = state.mask
+            if state.closed is None:
+                # the row at which the window's last anomaly slides out forgets the key
+                gone = cfg.window - ((mask & -mask).bit_length() - 1) if mask else 1
+                if gone <= len(ts):
+                    if gone > 1:
+                        self._due[p] = min(
+                            self._due.get(p, 1 << 62), state.last_anomaly_ms + cfg.quiet_ms
+                        )
+                    self._changed(sk, None)
+                    return
+            state.mask = (mask << len(ts)) & self._full
+            del state.pending[: len(state.pending) - state.mask.bit_count()]
+        state.pos = last
+        self.states[sk] = state
+        self._placed(sk, state)
+        self._due[p] = min(self._due.get(p, 1 << 62), state.last_anomaly_ms + cfg.quiet_ms)
+        self._changed(sk, state)
+
+    def _row(self, p: int, key, rows: Rows, i: int, pos: tuple, ts: int, anomalous: bool) -> None:
+        cfg, states = self.config, self.states
+        sk = (p, key)
+        state = states.get(sk)
         if state is None:
             if not anomalous:
                 return
-            self._evict_for_one()
+            if len(states) >= cfg.max_keys:
+                self._evict_for_one()
             self._touch(sk)
             state = KeyState()
         else:
-            if (int(rows.offset[i]), int(rows.row[i])) <= state.pos:
+            if pos <= state.pos:
                 self._out.skipped += 1  # already in this key's state (see KeyState.pos)
                 return
             self._touch(sk)
-            del self.states[sk]  # re-inserted below: most recently touched last
-        state.pos = (int(rows.offset[i]), int(rows.row[i]))
+            del states[sk]  # re-inserted below: most recently touched last
+        state.pos = pos
         a = None
         if anomalous:
             a = Anomaly(
                 ts,
-                (p, int(rows.offset[i]), int(rows.row[i])),
+                (p, pos[0], pos[1]),
                 float(rows.score[i]),
                 float(rows.p_value[i]),
                 rows.top(i),
@@ -238,15 +397,19 @@ class IncidentTracker:
             if a is not None:
                 state.pending.append(a)
             del state.pending[: len(state.pending) - state.mask.bit_count()]
-            if a is not None and len(state.pending) >= cfg.open_count:
+            if a is not None and len(state.pending) >= self._open_count:
                 state.incident = self._open(p, key, state, a)
                 state.mask, state.pending = 0, []
             elif not state.pending and state.closed is None:
                 self._changed(sk, None)
                 return
-        self.states[sk] = state
-        self._due[p] = min(self._due.get(p, 1 << 62), state.last_anomaly_ms + cfg.quiet_ms)
-        self._changed(sk, state)
+        states[sk] = state
+        quiet = state.last_anomaly_ms + cfg.quiet_ms  # the deadline, see _deadline
+        self._deadlines.placed(
+            sk, quiet if state.incident is not None or state.pending else quiet + cfg.quiet_ms
+        )
+        self._due[p] = min(self._due.get(p, 1 << 62), quiet)
+        self._out.changed.setdefault(p, {})[key] = state
 
     def _open(self, p: int, key, state: KeyState, at: Anomaly) -> Incident:
         pending = state.pending
@@ -263,6 +426,7 @@ class IncidentTracker:
             announced_ms=at.ts,
         )
         self._out.opened += 1
+        self._opened(1)
         self._announce(key, inc, "open")
         return inc
 
@@ -277,14 +441,18 @@ class IncidentTracker:
         """Resolve (or forget) what expired on partition p: quiet long enough."""
         if stream < self._due.get(p, -(1 << 62)):
             return
-        for sk in [
-            sk for sk, s in self.states.items() if sk[0] == p and stream >= self._deadline(s)
-        ]:
+        for sk in self._deadlines.expired(p, stream, self.states, self._deadline):
             self._expire(sk)
-        # deadlines only move later, so this stays a lower bound until a rollback or restore
-        self._due[p] = min(
-            (self._deadline(s) for sk, s in self.states.items() if sk[0] == p), default=1 << 62
-        )
+        # a lower bound of every deadline on p until a rollback or restore
+        self._due[p] = self._deadlines.lower_bound(p)
+
+    def _opened(self, n: int) -> None:
+        if self._open_now is not None:
+            self._open_now += n
+
+    def _placed(self, sk, state: KeyState, moved: bool = True) -> None:
+        """sk holds `state` now (`moved`: at the end of the dict order)."""
+        self._deadlines.placed(sk, self._deadline(state), moved)
 
     def _expire(self, sk) -> None:
         self._touch(sk)
@@ -293,6 +461,7 @@ class IncidentTracker:
             self._out.resolved += 1
             state.closed = self._announce(sk[1], state.incident, "resolved", "quiet").decode()
             state.incident = None
+            self._opened(-1)
         elif state.pending:
             state.mask, state.pending = 0, []
         else:
@@ -301,6 +470,7 @@ class IncidentTracker:
             self._changed(sk, None)
         else:
             self.states[sk] = state
+            self._placed(sk, state)
             self._changed(sk, state)
 
     def _drop(self, sk, resolution: str) -> None:
@@ -310,6 +480,7 @@ class IncidentTracker:
             self._out.resolved += 1
             self._out.evicted += resolution == "evicted"
             self._announce(sk[1], state.incident, "resolved", resolution)
+            self._opened(-1)
         self._changed(sk, None)
 
     def _evict_for_one(self) -> None:
@@ -362,8 +533,12 @@ class IncidentTracker:
 
     def _touch(self, sk) -> None:
         """Journal a key's state before this batch first changes it."""
-        if sk not in self._journal.states:
-            self._journal.states[sk] = _copy(self.states.get(sk))
+        journal = self._journal.states
+        if sk not in journal:
+            state = self.states.get(sk)
+            if state is not None:
+                state = self._packed.get(sk) or state.pack()
+            journal[sk] = state
 
     def _mark(self, p: int) -> None:
         if p not in self._journal.marks:
@@ -384,12 +559,13 @@ class IncidentTracker:
     def rollback(self) -> None:
         """Undo every batch not delivered yet, newest first: back to the last delivered one."""
         self._due.clear()
+        self._packed.clear()
         self._queued = [m for j in self._journals for m in j.queued] + self._queued
         for j in reversed(self._journals):
             for sk, old in j.states.items():
                 self.states.pop(sk, None)
                 if old is not None:
-                    self.states[sk] = old
+                    self.states[sk] = KeyState.unpack(old)
             for p, mark in j.marks.items():
                 if mark is None:
                     self.applied.pop(p, None)
@@ -397,6 +573,8 @@ class IncidentTracker:
                 else:
                     self.applied[p], self.stream_ms[p] = mark
         self._journals.clear()
+        self._deadlines.rebuild(self.states, self._deadline)
+        self._open_now = None
 
     # -- partitions ------------------------------------------------------------------
 
@@ -409,6 +587,9 @@ class IncidentTracker:
         gone = set(partitions)
         for sk in [sk for sk in self.states if sk[0] in gone]:
             del self.states[sk]
+            self._packed.pop(sk, None)
+        self._deadlines.drop(gone)
+        self._open_now = None
         for p in gone:
             self._due.pop(p, None)
             self.applied.pop(p, None)
@@ -427,7 +608,10 @@ class IncidentTracker:
         resolve message once more (same id and sequence). Returns the incidents queued."""
         queued = 0
         for key, raw in states.items():
+            moved = (p, key) not in self.states  # an existing key keeps its place
             state = self.states[(p, key)] = KeyState.unpack(raw)
+            self._packed.pop((p, key), None)
+            self._placed((p, key), state, moved)
             if not reannounce:
                 continue
             if state.incident is not None:
@@ -439,6 +623,7 @@ class IncidentTracker:
                 self._queued.append((key, state.closed.encode(), [("schema", SCHEMA_HEADER)]))
                 queued += 1
         self._due.pop(p, None)
+        self._open_now = None
         if applied is not None:
             self.applied[p] = applied
             self.stream_ms[p] = stream_ms
