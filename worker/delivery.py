@@ -241,7 +241,7 @@ class ExactlyOnce:
             try:
                 self._send(producer, outcome, submitted_at)
             except KafkaError:
-                self._waiting = waiting[i + 1 :]  # unsent: handed back by abandon
+                self._waiting = waiting[i:]  # unsent (the failed one too): for abandon
                 raise
 
     def _end_commit(self, producer) -> Settled:

@@ -417,6 +417,19 @@ def test_a_commit_that_fails_in_flight_is_aborted_and_hands_back_its_records():
     assert producer.calls.count("abort") == 1
 
 
+def test_a_batch_that_waited_and_cannot_be_sent_is_handed_back_with_those_behind_it():
+    clock, producer, consumer = Clock(), AsyncTxProducer(), GroupConsumer()
+    d = started_commit(clock, producer, consumer)
+    d.submit(with_outputs(batch({0: range(5, 9)}), 1), producer, consumer)
+    d.submit(with_outputs(batch({0: range(9, 12)}), 1), producer, consumer)
+    producer.result.end()
+    producer.send = lambda *a, **kw: (_ for _ in ()).throw(KafkaError("injected: send"))
+    settled = d.settle(producer, consumer)
+    assert len(settled.finished) == 1, "the commit itself succeeded"
+    assert "injected: send" in str(settled.error) and producer.calls[-1] == "abort"
+    assert [r.offset for r in d.abandon(producer).records] == list(range(5, 12))
+
+
 def test_abandon_during_a_commit_that_succeeds_hands_back_none_of_its_records():
     """Records whose transaction committed must not be read and published again."""
     clock, producer, consumer = Clock(), AsyncTxProducer(), GroupConsumer()
