@@ -8,14 +8,16 @@
   it or of any later batch is committed.
 * **exactly-once**: the outputs and offsets of the micro-batches of one commit
   interval (`WORKER_COMMIT_INTERVAL_MS`, at most `PIPELINE_DEPTH` batches' worth of
-  records) go in one Kafka transaction; a failure aborts it. The commit's last part
-  (flushing the outputs, ending the transaction) runs while the worker polls and
-  scores the next batch; nothing is sent before it has ended, so transactions never
-  overlap and the next one begins only after this one committed.
+  records) go in one Kafka transaction; a failure aborts it. The whole end of the
+  transaction (its offsets, flushing the outputs, the commit) is queued at once and
+  runs while the worker polls and scores the next batches (up to `PIPELINE_DEPTH`
+  batches' worth); they wait, unsent, until the commit has ended, so transactions
+  never overlap and the next one begins only after this one committed.
 
 A failure is reported in `Settled.error`; the worker then calls `abandon`, which
-hands back every record not committed, and rewinds its consumer to the first of
-them (`rewind`), so they are read and scored again. `settle(wait="all")` drains:
+hands back (`Abandoned`) every record not committed, to rewind its consumer to the
+first of them (`rewind`) and read and score them again, and the outputs to carry to
+the next batch. `settle(wait="all")` drains:
 it waits for everything in flight and commits synchronously (rebalance, model
 swap, shutdown).
 """
@@ -32,7 +34,7 @@ from kafka import KafkaConsumer, KafkaProducer
 from kafka.errors import KafkaError
 from kafka.structs import TopicPartition
 
-from worker.pipeline import Finished, Pipeline, PublishError, Settled, merge_offsets
+from worker.pipeline import Abandoned, Finished, Pipeline, PublishError, Settled, merge_offsets
 from worker.settings import WorkerSettings
 from worker.step import BatchOutcome
 
@@ -43,7 +45,7 @@ PIPELINE_DEPTH = 4  # micro-batches in flight (at-least-once) or in one transact
 
 Wait = Literal["none", "room", "all"]
 
-__all__ = ["PublishError", "Settled", "delivery_for", "rewind"]
+__all__ = ["Abandoned", "PublishError", "Settled", "delivery_for", "rewind"]
 
 
 class Delivery(Protocol):
@@ -70,8 +72,8 @@ class Delivery(Protocol):
         wait="all": drain everything in flight and commit synchronously."""
         ...
 
-    def abandon(self, producer: KafkaProducer) -> list:
-        """Drop everything not committed; its records, oldest first."""
+    def abandon(self, producer: KafkaProducer) -> Abandoned:
+        """Drop everything not committed; its records, oldest first, and what to carry."""
         ...
 
 
@@ -133,7 +135,7 @@ class AtLeastOnce:
         except KafkaError as e:
             log.warning("commit_failed", error=str(e) or type(e).__name__, sync=True)
 
-    def abandon(self, producer) -> list:
+    def abandon(self, producer) -> Abandoned:
         return self.pipeline.abandon()
 
 
@@ -141,6 +143,7 @@ class ExactlyOnce:
     def __init__(self, settings: WorkerSettings, depth: int = PIPELINE_DEPTH, clock=time.monotonic):
         self.topics = OutputTopics.of(settings)
         self.interval_s = settings.commit_interval_ms / 1000
+        self.batch_size = settings.max_batch_size
         self.max_records = depth * settings.max_batch_size
         self.clock = clock
         # Stable per worker instance, so a restarted worker fences its predecessor.
@@ -151,8 +154,9 @@ class ExactlyOnce:
         self._opened_at = 0.0
         self._batches: list[tuple[BatchOutcome, float]] = []  # in the open transaction
         self._futures: list = []
-        self._records = 0
-        self._committing = None  # the commit in flight: its result, to wait on
+        self._committing = None  # the end of the transaction in flight: its result, to wait on
+        # scored while the commit is in flight; sent in the next transaction once it ended
+        self._waiting: list[tuple[BatchOutcome, float]] = []
         self._committed: list[Finished] = []  # committed, not yet reported by settle
 
     def producer_options(self) -> dict:
@@ -162,7 +166,7 @@ class ExactlyOnce:
         producer.init_transactions()
 
     def in_flight(self) -> int:
-        return self._records
+        return sum(len(o.records) for o, _ in self._batches + self._waiting)
 
     def due_in_s(self) -> float | None:
         if self._committing is not None or self._committed:
@@ -172,43 +176,73 @@ class ExactlyOnce:
         return max(0.0, self._opened_at + self.interval_s - self.clock())
 
     def submit(self, outcome: BatchOutcome, producer, consumer) -> None:
-        if self._committing is not None:  # the worker settles (wait="room") before it submits
-            raise RuntimeError("submit while a transaction commits")
+        if self._committing is not None:  # nothing of it is sent before the commit ended
+            self._waiting.append((outcome, time.perf_counter()))
+        else:
+            self._send(producer, outcome, time.perf_counter())
+
+    def _send(self, producer, outcome: BatchOutcome, submitted_at: float) -> None:
         if not self._open:
-            producer.begin_transaction()
+            producer.begin_transaction()  # local: no request until the first send
             self._open, self._opened_at = True, self.clock()
-        self._batches.append((outcome, time.perf_counter()))
-        self._records += len(outcome.records)
         self._futures += _send(producer, outcome, self.topics)
+        self._batches.append((outcome, submitted_at))
+
+    def _room(self) -> bool:
+        """Room to score one more batch while the commit is in flight."""
+        waiting = sum(len(o.records) for o, _ in self._waiting)
+        return waiting + self.batch_size <= self.max_records
 
     def settle(self, producer, consumer, wait: Wait = "none") -> Settled:
+        settled = Settled(self._committed)
+        self._committed = []
         if self._committing is not None:
-            if wait == "none" and not self._committing.is_done:
-                return Settled()  # still committing: the loop polls and scores meanwhile
-            return self._end_commit(producer)
-        if self._committed:
-            finished, self._committed = self._committed, []
-            return Settled(finished)
+            if not self._committing.is_done and (wait == "none" or wait == "room" and self._room()):
+                return settled  # the loop polls and scores meanwhile
+            ended = self._end_commit(producer)
+            settled.finished += ended.finished
+            if ended.error is not None:
+                settled.error = ended.error
+                return settled
+            try:
+                self._send_waiting(producer)
+            except KafkaError as e:
+                self._abort(producer)
+                settled.error = e
+                return settled
         if not self._batches:
-            return Settled()
+            return settled
         due = (
             wait == "all"
-            or self._records >= self.max_records
+            or sum(len(o.records) for o, _ in self._batches) >= self.max_records
             or self.clock() - self._opened_at >= self.interval_s
         )
         if not due:
-            return Settled()
-        outcomes = [o for o, _ in self._batches]
+            return settled
         try:
-            producer.send_offsets_to_transaction(merge_offsets(outcomes), consumer.group_metadata())
-            # flushes, then commits outputs and offsets atomically
-            self._committing = _begin_commit(producer)
+            # offsets, flush, end of transaction: queued in order, run by the sender thread
+            self._committing = _begin_commit(
+                producer, merge_offsets([o for o, _ in self._batches]), consumer.group_metadata()
+            )
         except (KafkaError, PublishError) as e:
             self._abort(producer)
-            return Settled(error=e)
-        if wait == "none" and not self._committing.is_done:
-            return Settled()  # the loop polls and scores the next batch meanwhile
-        return self._end_commit(producer)
+            settled.error = e
+            return settled
+        if wait != "all" and not self._committing.is_done:
+            return settled  # the loop polls and scores the next batch meanwhile
+        ended = self._end_commit(producer)
+        settled.finished += ended.finished
+        settled.error = ended.error
+        return settled
+
+    def _send_waiting(self, producer) -> None:
+        waiting, self._waiting = self._waiting, []
+        for i, (outcome, submitted_at) in enumerate(waiting):
+            try:
+                self._send(producer, outcome, submitted_at)
+            except KafkaError:
+                self._waiting = waiting[i:]  # unsent (the failed one too): for abandon
+                raise
 
     def _end_commit(self, producer) -> Settled:
         """Wait for the commit in flight; its batches finished, or its error (aborted)."""
@@ -222,17 +256,16 @@ class ExactlyOnce:
             return Settled(error=e)
         now = time.perf_counter()
         finished = [Finished(o, now - t) for o, t in self._batches]
-        self._batches, self._futures, self._records = [], [], 0
+        self._batches, self._futures = [], []
         return Settled(finished)
 
-    def abandon(self, producer) -> list:
+    def abandon(self, producer) -> Abandoned:
         if self._committing is not None:  # committed records must not be read again
-            settled = self._end_commit(producer)
-            self._committed += settled.finished
+            self._committed += self._end_commit(producer).finished
         self._abort(producer)
-        records = [r for o, _ in self._batches for r in o.records]
-        self._batches, self._futures, self._records = [], [], 0
-        return records
+        abandoned = Abandoned.of([o for o, _ in self._batches + self._waiting])
+        self._batches, self._futures, self._waiting = [], [], []
+        return abandoned
 
     def _abort(self, producer) -> None:
         if not self._open:
@@ -245,7 +278,7 @@ class ExactlyOnce:
 
 
 class _Committed:
-    """The result of a commit that already ended."""
+    """The end of a transaction that already happened."""
 
     is_done = True
 
@@ -253,16 +286,31 @@ class _Committed:
         pass
 
 
-def _begin_commit(producer: KafkaProducer):
-    """Start committing the open transaction; returns what to wait on (`is_done`,
-    `wait()` raising the commit's error). KafkaProducer.commit_transaction() starts
-    the commit, wakes its sender thread and waits; this does the first two and leaves
-    the wait to the caller. A client without those parts commits here, blocking."""
+def _begin_commit(producer: KafkaProducer, offsets: dict, group_metadata):
+    """Queue the end of the open transaction: its consumed offsets (AddOffsetsToTxn,
+    TxnOffsetCommit), then the commit (the outputs flushed, EndTxn). Returns what to
+    wait on (`is_done`, `wait()` raising the commit's error).
+
+    KafkaProducer.send_offsets_to_transaction() and commit_transaction() each queue
+    their requests with the transaction manager, wake the sender thread and wait; this
+    queues both and leaves the one wait to the caller. The sender thread sends one
+    transactional request at a time, by priority: the offsets' two requests (a failure
+    of either puts the manager in an error state) before EndTxn, which it sends only
+    once every output is acknowledged and fails if the manager is in an error state, so
+    the commit's result covers the offsets too. A client without those parts commits
+    here, blocking."""
     manager = getattr(producer, "_transaction_manager", None)
     sender = getattr(producer, "_sender", None)
-    if manager is None or sender is None or not hasattr(manager, "begin_commit"):
+    if (
+        manager is None
+        or sender is None
+        or not hasattr(manager, "send_offsets_to_transaction")
+        or not hasattr(manager, "begin_commit")
+    ):
+        producer.send_offsets_to_transaction(offsets, group_metadata)
         producer.commit_transaction()
         return _Committed()
+    manager.send_offsets_to_transaction(offsets, group_metadata)
     result = manager.begin_commit()
     sender.wakeup()
     return result
@@ -302,7 +350,8 @@ def _send(producer: KafkaProducer, outcome: BatchOutcome, topics: OutputTopics):
     send = producer.send
     futures = [send(topics.events, key=k, value=v, headers=h) for k, v, h in outcome.events]
     futures += [send(topics.dlq, key=k, value=v, headers=h) for k, v, h in outcome.dlq]
-    futures += [send(topics.incidents, key=k, value=v, headers=h) for k, v, h in outcome.incidents]
+    incidents = outcome.incidents + outcome.drift
+    futures += [send(topics.incidents, key=k, value=v, headers=h) for k, v, h in incidents]
     futures += [send(topics.state, key=k, value=v, partition=p) for p, k, v in outcome.state]
     return futures
 

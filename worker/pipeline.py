@@ -7,7 +7,8 @@ Pure logic over producer futures (anything with `is_done`, `exception` and
 * only a run of acknowledged batches at the head may be committed: never a batch
   behind an unfinished or failed one;
 * a failed output fails its batch; the failed batch and everything behind it stay
-  until `abandon`, which hands back their records so the consumer can rewind.
+  until `abandon`, which hands back their records so the consumer can rewind
+  (`Abandoned`: also the outputs that must go out with the next batch instead).
 """
 
 from __future__ import annotations
@@ -40,6 +41,21 @@ class Settled:
 
     finished: list[Finished] = field(default_factory=list)
     error: Exception | None = None
+
+
+@dataclass(slots=True)
+class Abandoned:
+    """What a failed delivery hands back, oldest first: the records to read and score
+    again, and the outputs to send with the next batch instead, because they are not
+    derived from those records alone (drift incidents: the drift monitor is not rolled
+    back, so scoring the records again does not announce them again)."""
+
+    records: list = field(default_factory=list)
+    carried: list = field(default_factory=list)
+
+    @classmethod
+    def of(cls, outcomes: list[BatchOutcome]) -> Abandoned:
+        return cls([r for o in outcomes for r in o.records], [d for o in outcomes for d in o.drift])
 
 
 @dataclass(slots=True)
@@ -143,9 +159,9 @@ class Pipeline:
         head = self._batches[0]
         return sum(1 for f in head.futures if not f.is_done)
 
-    def abandon(self) -> list:
+    def abandon(self) -> Abandoned:
         """Drop every batch in flight; their records, oldest first, to rewind to."""
-        records = [r for b in self._batches for r in b.outcome.records]
+        abandoned = Abandoned.of([b.outcome for b in self._batches])
         self._batches.clear()
         self._records = 0
-        return records
+        return abandoned

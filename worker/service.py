@@ -139,11 +139,7 @@ class Worker:
             else None
         )
         self._open_clients = open_clients
-        # Drift incidents sent with a batch and not yet delivered; a failed delivery
-        # carries them to the next batch (the drift monitor is not rolled back, unlike
-        # the per-key incident tracker, whose messages come again with the re-read rows).
-        self._drift_in_flight: list[tuple[BatchOutcome, list]] = []
-        self._drift_carried: list = []
+        self._carried: list = []  # outputs a rewind handed back, for the next batch
         self._stop = threading.Event()
         self._server: HealthServer | None = None
 
@@ -403,12 +399,12 @@ class Worker:
             with_state=self.settings.incident_state_on,
         )
         self._observe(outcome)
-        if not self._settle(wait="room", unsent=records):
+        if not self._settle(wait="room", unsent=outcome):
             return False
         try:
             self.delivery.submit(outcome, self.clients.producer, self.clients.consumer)
         except KafkaError as e:
-            self._rewind(e, unsent=records)
+            self._rewind(e, unsent=outcome)
             return False
         return True
 
@@ -417,14 +413,11 @@ class Worker:
         shadow scores it too, and a drift incident that opens or resolves goes out with
         the batch's outputs."""
         scored, outcome.scored = outcome.scored, None  # not kept while in flight
-        drift, self._drift_carried = self._drift_carried, []
+        outcome.drift, self._carried = self._carried, []
         if scored is not None:
             self.rollout.observe(scored.vectors, scored.scores, outcome.compute_s)
         if scored is not None and self.drift is not None:
-            drift += self._watch_drift(scored)
-        if drift:
-            outcome.incidents += drift
-            self._drift_in_flight.append((outcome, drift))
+            outcome.drift += self._watch_drift(scored)
 
     def _watch_drift(self, scored) -> list:
         """The batch's p-values to the drift monitor; the drift incidents to send."""
@@ -450,7 +443,7 @@ class Worker:
         self.metrics.drift_open.labels(topic=topic).set(1 if state.open else 0)
         return out
 
-    def _settle(self, wait: str = "none", unsent: list | None = None) -> bool:
+    def _settle(self, wait: str = "none", unsent: BatchOutcome | None = None) -> bool:
         """Count and commit what finished delivering; on a failure, rewind.
         Returns False when a delivery failed."""
         clients = self.clients
@@ -461,21 +454,26 @@ class Worker:
         for finished in settled.finished:
             self._count(finished.outcome, finished.publish_s)
         if settled.error is not None:
-            self._rewind(settled.error, unsent or [])
+            self._rewind(settled.error, unsent)
             return False
         return True
 
-    def _rewind(self, error: Exception, unsent: list) -> None:
+    def _rewind(self, error: Exception, unsent: BatchOutcome | None) -> None:
         """Nothing from the failed batch on was committed: drop everything in flight and
-        in hand, rewind to the first uncommitted records and retry after a pause."""
+        in hand, rewind to the first uncommitted records and retry after a pause. What
+        the delivery hands back (worker/pipeline.py `Abandoned`) is the rule: its records
+        are read again, so the state derived from them rolls back (the incident tracker,
+        to the last delivered batch), and its carried outputs go with the next batch."""
         self.summary.publish_failures += 1
         self.metrics.publish_failures.inc()
-        dropped = self.delivery.abandon(self.clients.producer) + unsent + self.batcher.clear()
+        abandoned = self.delivery.abandon(self.clients.producer)
+        if unsent is not None:  # scored, never handed to the delivery
+            abandoned.records += unsent.records
+            abandoned.carried += unsent.drift
+        dropped = abandoned.records + self.batcher.clear()
         if self.incidents is not None:
-            self.incidents.rollback()  # back to the last delivered batch: its records come again
-        for _, drift in self._drift_in_flight:
-            self._drift_carried += drift
-        self._drift_in_flight = []
+            self.incidents.rollback()
+        self._carried += abandoned.carried
         firsts = first_offsets(dropped)
         log.error(
             "publish_failed",
@@ -500,8 +498,6 @@ class Worker:
             self.incidents.settled()
             self.metrics.incident_keys.set(len(self.incidents.states))
             self.metrics.incidents_open.set(self.incidents.open_incidents())
-        if self._drift_in_flight:
-            self._drift_in_flight = [(o, d) for o, d in self._drift_in_flight if o is not outcome]
         if self.scorer.device.type == "cuda":
             self.metrics.set_gpu_memory(gpu_memory(self.scorer.device))
         log.debug(

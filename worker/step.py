@@ -43,6 +43,8 @@ class BatchOutcome:
     rejected: list[Rejected] = field(default_factory=list)
     compute_s: float = 0.0  # decode + score + build
     incidents: list[Output] = field(default_factory=list)  # for WORKER_INCIDENT_TOPIC
+    # drift incidents, for WORKER_INCIDENT_TOPIC too; a rewind carries them (Abandoned)
+    drift: list[Output] = field(default_factory=list)
     # for WORKER_INCIDENT_STATE_TOPIC: (partition, key, value or None for a tombstone)
     state: list[tuple[int, bytes, bytes | None]] = field(default_factory=list)
     tracked: Observed | None = None  # what the batch did to the incident tracker

@@ -33,7 +33,6 @@ medians is not one noisy run against another.
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -43,7 +42,14 @@ from kafka import KafkaAdminClient
 from kafka.admin import NewTopic
 
 from deploy.embedded_broker import EmbeddedBroker, free_port
-from tests.bench._worker_measure import CLIENTS, Probe, log, measure_latency, run_group
+from tests.bench._worker_measure import (
+    CLIENTS,
+    Probe,
+    log,
+    measure_latency,
+    run_group,
+    worker_env,
+)
 from tests.bench.common import REPO
 from tests.integration.tcp_proxy import TcpProxy
 
@@ -115,32 +121,7 @@ class _DelayRun:
         return json.loads(fill.stdout.decode().strip().splitlines()[-1])["records"]
 
     def env(self, bootstrap: str, topic: str, out: str, group: str, max_records, emit: str):
-        e = {
-            **os.environ,
-            "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
-            "WORKER_INPUT_TOPIC": topic,
-            "WORKER_OUTPUT_TOPIC": out,
-            "WORKER_DLQ_TOPIC": f"{topic}.dlq",
-            "WORKER_GROUP_ID": group,
-            # the loops share the input: each its own incident state
-            "WORKER_INCIDENT_TOPIC": f"{group}-incidents",
-            "WORKER_INCIDENT_STATE_TOPIC": f"{group}-incidents-state",
-            # Not the group id: with both equal, Tansu 0.6 showed none of the
-            # transaction's offsets to the probe until the worker had exited.
-            "WORKER_TRANSACTIONAL_ID": f"{group}-tx",
-            "WORKER_MODEL_DIR": str(self.model_dir),
-            "WORKER_DEVICE": "cpu",
-            "WORKER_METRICS_PORT": "0",
-            "WORKER_EMIT": emit,
-            "WORKER_SESSION_TIMEOUT_MS": "6000",
-            "WORKER_HEARTBEAT_INTERVAL_MS": "1000",
-            "WORKER_WAIT_FOR_MODEL_S": "60",
-        }
-        e.pop("WORKER_MAX_RECORDS", None)
-        e.pop("WORKER_DELIVERY", None)
-        if max_records is not None:
-            e["WORKER_MAX_RECORDS"] = str(max_records)
-        return e
+        return worker_env(bootstrap, self.model_dir, topic, out, group, max_records, emit)
 
     def at(self, delay: float, latency_s: float | None) -> dict:
         self.proxy.delay_s = delay / 1000  # connections opened from now on

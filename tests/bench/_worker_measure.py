@@ -27,6 +27,46 @@ def log(msg: str) -> None:
     print(f"[bench.worker {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+def worker_env(
+    bootstrap: str,
+    model_dir: Path,
+    topic: str,
+    out: str,
+    group: str,
+    max_records: int | None,
+    emit: str = "anomalies",
+) -> dict:
+    """The environment of one timed `python -m worker` loop (at-least-once unless the
+    caller sets WORKER_DELIVERY): this process's, with the loop's topics and group."""
+    e = {
+        **os.environ,
+        "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+        "WORKER_INPUT_TOPIC": topic,
+        "WORKER_OUTPUT_TOPIC": out,
+        "WORKER_DLQ_TOPIC": f"{topic}.dlq",
+        "WORKER_GROUP_ID": group,
+        # incidents on (the default), on topics of the loop's own: a changelog shared
+        # between loops would hand one loop's state (and applied offsets) to the next
+        "WORKER_INCIDENT_TOPIC": f"{group}-incidents",
+        "WORKER_INCIDENT_STATE_TOPIC": f"{group}-incidents-state",
+        # Not the group id: with both equal, Tansu 0.6 showed none of the
+        # transaction's offsets to the probe until the worker had exited.
+        "WORKER_TRANSACTIONAL_ID": f"{group}-tx",
+        "WORKER_MODEL_DIR": str(model_dir),
+        "WORKER_DEVICE": "cpu",
+        "WORKER_METRICS_PORT": "0",
+        "WORKER_EMIT": emit,
+        "WORKER_SESSION_TIMEOUT_MS": "6000",
+        "WORKER_HEARTBEAT_INTERVAL_MS": "1000",
+        "WORKER_WAIT_FOR_MODEL_S": "60",
+    }
+    e.pop("WORKER_MAX_RECORDS", None)
+    e.pop("WORKER_DELIVERY", None)
+    if max_records is not None:
+        e["WORKER_MAX_RECORDS"] = str(max_records)
+    return e
+
+
 class Probe:
     """Committed offsets of a group over a topic's partitions (summed, and per partition)."""
 

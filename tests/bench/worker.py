@@ -74,6 +74,7 @@ from tests.bench._worker_measure import (
     log,
     measure_latency,
     run_group,
+    worker_env,
 )
 from tests.bench.common import REPO, machine, markdown_table, now_iso, ratio, write_results
 
@@ -283,29 +284,7 @@ def _run(args: argparse.Namespace, broker: EmbeddedBroker, tmp: Path) -> dict:
     def env(
         topic: str, out: str, group: str, max_records: int | None, emit: str = "anomalies"
     ) -> dict:
-        e = {
-            **os.environ,
-            "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
-            "WORKER_INPUT_TOPIC": topic,
-            "WORKER_OUTPUT_TOPIC": out,
-            "WORKER_DLQ_TOPIC": f"{topic}.dlq",
-            "WORKER_GROUP_ID": group,
-            "WORKER_MODEL_DIR": str(model_dir),
-            "WORKER_DEVICE": "cpu",
-            "WORKER_METRICS_PORT": "0",
-            "WORKER_EMIT": emit,
-            "WORKER_SESSION_TIMEOUT_MS": "6000",
-            "WORKER_HEARTBEAT_INTERVAL_MS": "1000",
-            "WORKER_WAIT_FOR_MODEL_S": "60",
-        }
-        # incidents on (the default), on topics of the loop's own: a changelog shared
-        # between loops would hand one loop's state (and applied offsets) to the next
-        e["WORKER_INCIDENT_TOPIC"] = f"{group}-incidents"
-        e["WORKER_INCIDENT_STATE_TOPIC"] = f"{group}-incidents-state"
-        e.pop("WORKER_MAX_RECORDS", None)
-        if max_records is not None:
-            e["WORKER_MAX_RECORDS"] = str(max_records)
-        return e
+        return worker_env(bootstrap, model_dir, topic, out, group, max_records, emit)
 
     ctx = {"bootstrap": bootstrap, "create": create, "env": env, "logdir": tmp}
     sizes = {

@@ -10,7 +10,7 @@ from kafka.errors import KafkaError, KafkaTimeoutError
 from kafka.structs import TopicPartition
 
 from worker.delivery import AtLeastOnce, ExactlyOnce
-from worker.pipeline import Pipeline, merge_offsets
+from worker.pipeline import Pipeline, Settled, merge_offsets
 from worker.settings import WorkerSettings
 from worker.step import BatchOutcome, first_offsets, next_offsets
 
@@ -89,7 +89,7 @@ def test_a_failed_batch_is_never_passed_and_abandon_returns_everything_behind_it
     assert "1 of 3 outputs not acknowledged" in str(settled.error)
     assert p.take_acknowledged().finished == [], "the failed batch stays at the head"
     dropped = p.abandon()
-    assert first_offsets(dropped) == {TP0: 5, TP1: 0}
+    assert first_offsets(dropped.records) == {TP0: 5, TP1: 0}
     assert len(p) == 0 and p.records == 0
 
 
@@ -175,7 +175,7 @@ def test_a_failure_commits_nothing_past_it_and_a_drain_commits_synchronously():
     settled = d.settle(producer, consumer)
     assert settled.error is not None and len(settled.finished) == 1
     assert consumer.async_commits == [{TP0: 10}]
-    assert first_offsets(d.abandon(producer)) == {TP0: 10}, "rewind to the failed batch"
+    assert first_offsets(d.abandon(producer).records) == {TP0: 10}, "rewind to the failed batch"
     d.submit(with_outputs(batch({0: range(10, 30)}), 1), producer, consumer)
     settled = d.settle(producer, consumer, wait="all")
     assert producer.flushed == 1 and settled.error is None
@@ -278,7 +278,7 @@ def test_a_failed_transaction_is_aborted_and_hands_back_all_its_records():
     settled = d.settle(producer, consumer, wait="all")
     assert settled.error is not None and settled.finished == []
     assert producer.calls[-1] == "abort"
-    assert first_offsets(d.abandon(producer)) == {TP0: 0}
+    assert first_offsets(d.abandon(producer).records) == {TP0: 0}
     assert producer.calls.count("abort") == 1
 
 
@@ -300,72 +300,177 @@ class CommitResult:
             raise self.error
 
 
+class TransactionManager:
+    """The parts of kafka-python's producer._transaction_manager the worker uses: each
+    queues its requests for the sender thread and returns at once."""
+
+    def __init__(self, producer: AsyncTxProducer):
+        self.producer = producer
+
+    def send_offsets_to_transaction(self, offsets, group):
+        self.producer.calls.append(f"offsets queued {committed_to(offsets)}")
+        return CommitResult(self.producer)
+
+    def begin_commit(self):
+        self.producer.calls.append("commit started")
+        self.producer.result = CommitResult(self.producer)
+        return self.producer.result
+
+
 class AsyncTxProducer(TxProducer):
-    """commit_transaction() in the parts kafka-python's KafkaProducer has: the
-    transaction manager starts the commit, the sender thread ends it later."""
+    """send_offsets_to_transaction() and commit_transaction() in the parts kafka-python's
+    KafkaProducer has: the transaction manager queues them, the sender thread ends them
+    later; the blocking calls themselves must not be used."""
 
     def __init__(self, fail_commit=False):
         super().__init__(fail_commit)
-        self._transaction_manager = self
+        self._transaction_manager = TransactionManager(self)
         self._sender = self
         self.result: CommitResult | None = None
 
-    def begin_commit(self):
-        self.calls.append("commit started")
-        self.result = CommitResult(self)
-        return self.result
+    def send_offsets_to_transaction(self, offsets, group):
+        raise AssertionError("blocks the loop")
+
+    def commit_transaction(self):
+        raise AssertionError("blocks the loop")
 
     def wakeup(self):
         pass
 
 
-def test_the_loop_goes_on_while_the_commit_is_in_flight():
-    clock, producer, consumer = Clock(), AsyncTxProducer(), GroupConsumer()
-    d = exactly_once(clock)
+def started_commit(clock, producer, consumer, **kw) -> ExactlyOnce:
+    """A transaction of one batch (partition 0, offsets 0-4) whose commit is in flight."""
+    d = exactly_once(clock, **kw)
     d.submit(with_outputs(batch({0: range(0, 5)}), 1), producer, consumer)
     clock.t += 0.1
-    assert d.settle(producer, consumer).finished == []  # started, not waited for
-    assert producer.calls == ["begin", f"offsets { {TP0: 5} }", "commit started"]
+    assert d.settle(producer, consumer) == Settled()  # started, not waited for
+    return d
+
+
+def test_the_loop_goes_on_while_the_offsets_and_the_commit_are_in_flight():
+    clock, producer, consumer = Clock(), AsyncTxProducer(), GroupConsumer()
+    d = started_commit(clock, producer, consumer)
+    assert producer.calls == ["begin", f"offsets queued { {TP0: 5} }", "commit started"]
     assert d.in_flight() == 5 and d.due_in_s() == 0.0  # uncommitted until it ends
-    assert d.settle(producer, consumer).finished == []  # not done yet: nothing to wait for
-    with pytest.raises(RuntimeError, match="while a transaction commits"):
-        d.submit(with_outputs(batch({0: range(5, 9)}), 1), producer, consumer)
+    assert d.settle(producer, consumer) == Settled()  # not done yet: nothing to wait for
+    # the next batch is scored meanwhile, and waits: nothing of it is sent
+    d.submit(with_outputs(batch({0: range(5, 9)}), 2), producer, consumer)
+    assert d.settle(producer, consumer, wait="room") == Settled(), "room for more"
+    assert len(producer.sent) == 1 and producer.calls[-1] == "commit started"
+    assert d.in_flight() == 9
     producer.result.end()
     assert len(d.settle(producer, consumer).finished) == 1
-    assert d.in_flight() == 0 and d.due_in_s() is None
+    assert producer.calls[-2:] == ["commit ended", "begin"], "the next begins after"
+    assert len(producer.sent) == 3 and d.in_flight() == 4
+    assert d.due_in_s() == pytest.approx(0.1)
 
 
-def test_the_next_transaction_begins_only_after_the_commit_ended():
+def test_batches_scored_during_the_commit_wait_for_it_once_they_fill_a_transaction():
     clock, producer, consumer = Clock(), AsyncTxProducer(), GroupConsumer()
-    d = exactly_once(clock)
-    d.submit(with_outputs(batch({0: range(0, 5)}), 1), producer, consumer)
-    clock.t += 0.1
-    d.settle(producer, consumer)
-    # the next batch is scored meanwhile; before it is sent the worker makes room
-    assert len(d.settle(producer, consumer, wait="room").finished) == 1
+    d = started_commit(clock, producer, consumer)  # at most 4 × 10 records
+    for i in range(4):
+        d.submit(with_outputs(batch({0: range(5 + i * 10, 15 + i * 10)}), 1), producer, consumer)
+        if i < 3:
+            assert d.settle(producer, consumer, wait="room") == Settled()
+    assert producer.result.is_done is False and len(producer.sent) == 1
+    settled = d.settle(producer, consumer, wait="room")  # a fifth would not fit: wait
+    assert len(settled.finished) == 1 and settled.error is None
+    assert len(producer.sent) == 5 and d.in_flight() == 40
+    # the next transaction is full at once: its commit starts too
+    assert producer.calls[-4:] == [
+        "commit ended",
+        "begin",
+        f"offsets queued { {TP0: 45} }",
+        "commit started",
+    ]
+
+
+def test_a_drain_during_the_commit_commits_it_and_then_what_waited():
+    clock, producer, consumer = Clock(), AsyncTxProducer(), GroupConsumer()
+    d = started_commit(clock, producer, consumer)
     d.submit(with_outputs(batch({0: range(5, 9)}), 1), producer, consumer)
-    assert producer.calls[-3:] == ["commit started", "commit ended", "begin"]
+    settled = d.settle(producer, consumer, wait="all")
+    assert len(settled.finished) == 2 and settled.error is None
+    assert producer.calls == [
+        "begin",
+        f"offsets queued { {TP0: 5} }",
+        "commit started",
+        "commit ended",
+        "begin",
+        f"offsets queued { {TP0: 9} }",
+        "commit started",
+        "commit ended",
+    ]
+    assert d.in_flight() == 0 and d.due_in_s() is None
 
 
 def test_a_commit_that_fails_in_flight_is_aborted_and_hands_back_its_records():
     clock, producer, consumer = Clock(), AsyncTxProducer(fail_commit=True), GroupConsumer()
-    d = exactly_once(clock)
-    d.submit(with_outputs(batch({0: range(0, 5)}), 1), producer, consumer)
-    clock.t += 0.1
-    assert d.settle(producer, consumer).error is None  # started
-    settled = d.settle(producer, consumer, wait="room")
+    d = started_commit(clock, producer, consumer)
+    d.submit(with_outputs(batch({0: range(5, 9)}), 1), producer, consumer)
+    settled = d.settle(producer, consumer, wait="all")
     assert "commit failed" in str(settled.error) and settled.finished == []
-    assert producer.calls[-1] == "abort"
-    assert first_offsets(d.abandon(producer)) == {TP0: 0}
+    assert producer.calls[-1] == "abort" and producer.calls.count("begin") == 1
+    assert len(producer.sent) == 1, "what waited was never sent"
+    abandoned = d.abandon(producer)
+    assert [r.offset for r in abandoned.records] == list(range(9)), "both, oldest first"
+    assert producer.calls.count("abort") == 1
+
+
+def test_a_batch_that_waited_and_cannot_be_sent_is_handed_back_with_those_behind_it():
+    clock, producer, consumer = Clock(), AsyncTxProducer(), GroupConsumer()
+    d = started_commit(clock, producer, consumer)
+    d.submit(with_outputs(batch({0: range(5, 9)}), 1), producer, consumer)
+    d.submit(with_outputs(batch({0: range(9, 12)}), 1), producer, consumer)
+    producer.result.end()
+    producer.send = lambda *a, **kw: (_ for _ in ()).throw(KafkaError("injected: send"))
+    settled = d.settle(producer, consumer)
+    assert len(settled.finished) == 1, "the commit itself succeeded"
+    assert "injected: send" in str(settled.error) and producer.calls[-1] == "abort"
+    assert [r.offset for r in d.abandon(producer).records] == list(range(5, 12))
 
 
 def test_abandon_during_a_commit_that_succeeds_hands_back_none_of_its_records():
     """Records whose transaction committed must not be read and published again."""
     clock, producer, consumer = Clock(), AsyncTxProducer(), GroupConsumer()
+    d = started_commit(clock, producer, consumer)
+    d.submit(with_outputs(batch({0: range(5, 9)}), 1), producer, consumer)
+    assert first_offsets(d.abandon(producer).records) == {TP0: 5}, "only what waited"
+    assert "abort" not in producer.calls
+    assert len(d.settle(producer, consumer).finished) == 1  # still counted
+    assert d.in_flight() == 0
+
+
+def test_without_the_transaction_managers_parts_the_commit_blocks():
+    """A kafka-python whose producer lacks the private parts: the public calls."""
+    clock, producer, consumer = Clock(), TxProducer(), GroupConsumer()
+    producer._transaction_manager = object()  # no send_offsets_to_transaction, begin_commit
+    producer._sender = producer
     d = exactly_once(clock)
     d.submit(with_outputs(batch({0: range(0, 5)}), 1), producer, consumer)
     clock.t += 0.1
-    d.settle(producer, consumer)
-    assert d.abandon(producer) == []
-    assert "abort" not in producer.calls
-    assert len(d.settle(producer, consumer).finished) == 1  # still counted
+    assert len(d.settle(producer, consumer).finished) == 1, "committed before it returned"
+    assert producer.calls == ["begin", f"offsets { {TP0: 5} }", "commit"]
+
+
+def test_the_installed_kafka_python_has_the_parts_the_overlapped_commit_uses():
+    """Else every exactly-once commit blocks the loop (the fallback above)."""
+    from kafka.producer.kafka import KafkaProducer
+    from kafka.producer.transaction_manager import TransactionManager as Manager
+
+    assert callable(Manager.send_offsets_to_transaction) and callable(Manager.begin_commit)
+    names = KafkaProducer.__init__.__code__.co_names  # what the constructor assigns
+    assert "_transaction_manager" in names and "_sender" in names
+
+
+def test_a_drift_incident_of_an_abandoned_batch_is_carried():
+    d, producer, consumer = at_least_once(), FakeProducer(), FakeConsumer()
+    drift = (b"drift/in", b"{}", [])
+    outcome = with_outputs(batch({0: range(0, 3)}), 1)
+    outcome.drift = [drift]
+    d.submit(outcome, producer, consumer)
+    assert len(producer.sent) == 2, "an event and the drift incident"
+    producer.sent[0].fail()
+    assert d.settle(producer, consumer).error is not None
+    abandoned = d.abandon(producer)
+    assert abandoned.carried == [drift] and len(abandoned.records) == 3
