@@ -35,11 +35,13 @@ Explain = Literal["all", "anomalies", "none"]
 # rows are taken in chunks of KNN_PAIRS // reference_rows (16 MiB of float32 at most),
 # so a batch's extra memory does not grow with its rows beyond its [B, k] results.
 KNN_PAIRS = 1 << 22
-# On CPU the k nearest are selected in two levels (nearest_neighbours), among groups of
-# KNN_GROUP reference rows, in chunks that keep each top-k's input at most KNN_TOPK_SPAN
-# elements: torch's CPU top-k costs ~3× more per row beyond 32,768 (measured, torch 2.13).
-KNN_GROUP = 16
-KNN_TOPK_SPAN = 1 << 15
+# On CPU: chunks of at most KNN_CPU_PAIRS pairs (4 MiB, one buffer reused for all of a
+# batch's chunks), and the k nearest selected in two levels, among groups of KNN_GROUP
+# reference rows (nearest_neighbours). 64 rows a group: the second level's top-k then
+# has at least 64·k candidates, where torch's CPU top-k takes its cheap partial-sort
+# path (~2 ns a value, against ~12 below it; torch 2.13, tests/bench/knn.py).
+KNN_CPU_PAIRS = 1 << 20
+KNN_GROUP = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,26 +92,30 @@ def nearest_neighbours(
     The candidates come from ‖r‖² − 2·x·r (the row's own ‖x‖² does not change its
     ranking) in chunks of rows, one matrix product and a top-k selection each; the k
     distances are then recomputed exactly from the differences, so a row's score does
-    not carry the cancellation error of the expanded form. On CPU the selection is
-    two-level (`_two_level_topk`), on other devices one top-k over all M. Static
+    not carry the cancellation error of the expanded form. On CPU, with at least 2·k
+    groups of KNN_GROUP reference rows, the selection is two-level (`_two_level_topk`:
+    the same values, a fraction of the cost); elsewhere one top-k over all M. Static
     shapes throughout, branches on shapes and device only (CUDA graphs).
     """
     m = reference.shape[0]
-    groups = m // KNN_GROUP if xs.device.type == "cpu" else 0
-    chunk = max(1, KNN_PAIRS // max(1, m))
-    if groups > k:  # else a single top-k over M is as cheap
-        widest = max(groups, k * KNN_GROUP + m % KNN_GROUP)
-        chunk = max(1, min(chunk, KNN_TOPK_SPAN // widest))
+    on_cpu = xs.device.type == "cpu"
+    groups = m // KNN_GROUP if on_cpu and m >= 2 * k * KNN_GROUP else 0
+    chunk = max(1, min(KNN_PAIRS, KNN_CPU_PAIRS if on_cpu else KNN_PAIRS) // max(1, m))
+    d2_buffer = xs.new_empty((min(chunk, xs.shape[0]), m)) if on_cpu else None
     dists, idx = [], []
     for start in range(0, xs.shape[0], chunk):
         x = xs[start : start + chunk]
-        d2 = torch.addmm(ref_sq, x, reference.T, alpha=-2.0)
-        if groups > k:
+        if d2_buffer is None:
+            d2 = torch.addmm(ref_sq, x, reference.T, alpha=-2.0)
+        else:
+            d2 = torch.addmm(ref_sq, x, reference.T, alpha=-2.0, out=d2_buffer[: len(x)])
+        if groups:
             i = _two_level_topk(d2, k, groups)
         else:
             i = torch.topk(d2, k, dim=1, largest=False, sorted=False).indices
         idx.append(i)
-        dists.append((x[:, None, :] - reference[i]).square().sum(dim=2).sqrt())
+        nearest = reference.index_select(0, i.reshape(-1)).view(*i.shape, -1)
+        dists.append(nearest.sub_(x[:, None, :]).square_().sum(dim=2).sqrt_())
     if len(idx) == 1:
         return dists[0], idx[0]
     return torch.cat(dists), torch.cat(idx)
@@ -134,13 +140,12 @@ def _two_level_topk(d2: torch.Tensor, k: int, groups: int) -> torch.Tensor:
     s = KNN_GROUP
     width = groups * s
     grouped = d2[:, :width].view(c, s, groups)  # [c, member, group]
-    nearest_groups = torch.topk(grouped.amin(dim=1), k, dim=1, largest=False, sorted=False)
-    g = nearest_groups.indices  # [c, k]
+    g = torch.topk(grouped.amin(dim=1), k, dim=1, largest=False, sorted=False).indices
     members = torch.gather(grouped, 2, g[:, None, :].expand(c, s, k)).view(c, s * k)
     if width < m:
         members = torch.cat([members, d2[:, width:]], dim=1)
     p = torch.topk(members, k, dim=1, largest=False, sorted=False).indices
-    # member p < s·k is row p // k of group g[p % k]: column (p // k)·groups + g[p % k]
+    # member p < s·k is member p // k of group g[p % k]: column (p // k)·groups + g[p % k]
     col = torch.gather(g, 1, p.remainder(k)) + p.div(k, rounding_mode="floor") * groups
     if width < m:
         col = torch.where(p < s * k, col, p + (width - s * k))

@@ -149,25 +149,27 @@ def check_against_brute_force(xs, ref, ref_sq, k) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(
-    ("b", "m", "d", "k"),
+    ("b", "m", "d", "k", "group"),
     [
-        (600, 2048, 64, 5),  # the default size, several chunks
-        (257, 1000, 16, 5),  # M not a multiple of the group size: 8 rows left over
-        (40, 113, 7, 6),  # 7 groups of 16 and 1 row left over
-        (40, 97, 7, 6),  # 6 groups, not more than k: one top-k over M
-        (30, 100, 5, 1),  # k = 1
-        (20, 5, 3, 5),  # M = k
-        (1, 2048, 64, 5),  # one row
-        (1, 37, 4, 5),
+        (600, 2048, 64, 5, None),  # the default size and group, several chunks
+        (257, 1000, 16, 5, None),  # 15 groups of 64 and 40 rows left over
+        (40, 113, 7, 6, 8),  # 14 groups of 8 and 1 row left over
+        (40, 95, 7, 6, 8),  # fewer than 2·k groups: one top-k over M
+        (30, 100, 5, 1, 8),  # k = 1
+        (20, 5, 3, 5, None),  # M = k
+        (1, 2048, 64, 5, None),  # one row
+        (1, 37, 4, 5, 2),
     ],
 )
 @pytest.mark.parametrize("lattice", [False, True], ids=["random", "ties"])
-def test_nearest_neighbours_are_the_brute_force_ones(b, m, d, k, lattice):
+def test_nearest_neighbours_are_the_brute_force_ones(b, m, d, k, group, lattice, monkeypatch):
+    if group is not None:
+        monkeypatch.setattr(scoring, "KNN_GROUP", group)
     check_against_brute_force(*knn_case(b, m, d, seed=b + m + d + k, lattice=lattice), k)
 
 
 def test_two_level_selection_picks_what_one_top_k_picks(monkeypatch):
-    xs, ref, ref_sq = knn_case(700, 2040, 32, seed=5)  # no ties; 2040 = 127 · 16 + 8
+    xs, ref, ref_sq = knn_case(700, 2040, 32, seed=5)  # no ties; 2040 = 31 · 64 + 56
     dist, idx = nearest_neighbours(xs, ref, ref_sq, 5)
     monkeypatch.setattr(scoring, "KNN_GROUP", 4096)  # no groups: one top-k over M
     one_dist, one_idx = nearest_neighbours(xs, ref, ref_sq, 5)
