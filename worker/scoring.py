@@ -126,9 +126,9 @@ def _two_level_topk(d2: torch.Tensor, k: int, groups: int) -> torch.Tensor:
     values as one top-k over M, at a fraction of its CPU cost.
 
     The first groups·KNN_GROUP columns form `groups` groups (group g: columns g,
-    g + groups, g + 2·groups, …, so all groups' minima are one vectorised reduction
-    over KNN_GROUP contiguous slices of the row); the remaining columns (fewer than
-    KNN_GROUP) are always candidates. Let v be the row's k-th smallest value. A group
+    g + groups, g + 2·groups, …, so all groups' minima are one vectorised elementwise
+    minimum over the row's KNN_GROUP slices of `groups` columns); the remaining columns
+    (fewer than KNN_GROUP) are always candidates. Let v be the row's k-th smallest value. A group
     whose minimum is below v is among the k groups with the smallest minima (else k
     groups would have minima below v: k values below v); if the k-th of those minima is
     above v, every group holding a value ≤ v is among them; else the k minima are k
