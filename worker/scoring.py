@@ -92,14 +92,15 @@ def nearest_neighbours(
     The candidates come from ‖r‖² − 2·x·r (the row's own ‖x‖² does not change its
     ranking) in chunks of rows, one matrix product and a top-k selection each; the k
     distances are then recomputed exactly from the differences, so a row's score does
-    not carry the cancellation error of the expanded form. On CPU, with at least 2·k
-    groups of KNN_GROUP reference rows, the selection is two-level (`_two_level_topk`:
-    the same values, a fraction of the cost); elsewhere one top-k over all M. Static
-    shapes throughout, branches on shapes and device only (CUDA graphs).
+    not carry the cancellation error of the expanded form. On CPU, with at least 3·k
+    groups of KNN_GROUP reference rows (with fewer it gains nothing), the selection is
+    two-level (`_two_level_topk`: the same values, a fraction of the cost); elsewhere
+    one top-k over all M. Static shapes throughout, branches on shapes and device only
+    (CUDA graphs).
     """
     m = reference.shape[0]
     on_cpu = xs.device.type == "cpu"
-    groups = m // KNN_GROUP if on_cpu and m >= 2 * k * KNN_GROUP else 0
+    groups = m // KNN_GROUP if on_cpu and m >= 3 * k * KNN_GROUP else 0
     chunk = max(1, min(KNN_PAIRS, KNN_CPU_PAIRS if on_cpu else KNN_PAIRS) // max(1, m))
     d2_buffer = xs.new_empty((min(chunk, xs.shape[0]), m)) if on_cpu else None
     dists, idx = [], []
@@ -125,30 +126,29 @@ def _two_level_topk(d2: torch.Tensor, k: int, groups: int) -> torch.Tensor:
     """Column indices [C, k] of the k smallest values in each row of d2 [C, M]: the same
     values as one top-k over M, at a fraction of its CPU cost.
 
-    The first groups·KNN_GROUP columns form `groups` groups (group g: columns g,
-    g + groups, g + 2·groups, …, so all groups' minima are one vectorised elementwise
-    minimum over the row's KNN_GROUP slices of `groups` columns); the remaining columns
-    (fewer than KNN_GROUP) are always candidates. Let v be the row's k-th smallest value. A group
-    whose minimum is below v is among the k groups with the smallest minima (else k
-    groups would have minima below v: k values below v); if the k-th of those minima is
-    above v, every group holding a value ≤ v is among them; else the k minima are k
-    values ≤ v. Either way the members of those k groups and the remaining columns hold
-    the row's k smallest values, so their top-k is exact (ties may pick other columns
-    of equal value). Indices stay in [0, M) whatever the values, NaN included.
+    The first groups·KNN_GROUP columns form `groups` groups of KNN_GROUP adjacent
+    columns; the remaining columns (fewer than KNN_GROUP) are always candidates. Let v
+    be the row's k-th smallest value. A group whose minimum is below v is among the k
+    groups with the smallest minima (else k groups would have minima below v: k values
+    below v); if the k-th of those minima is above v, every group holding a value ≤ v
+    is among them; else the k minima are k values ≤ v. Either way the members of those
+    k groups and the remaining columns hold the row's k smallest values, so their top-k
+    is exact (ties may pick other columns of equal value). Indices stay in [0, M)
+    whatever the values, NaN included.
     """
     c, m = d2.shape
     s = KNN_GROUP
     width = groups * s
-    grouped = d2[:, :width].view(c, s, groups)  # [c, member, group]
-    g = torch.topk(grouped.amin(dim=1), k, dim=1, largest=False, sorted=False).indices
-    members = torch.gather(grouped, 2, g[:, None, :].expand(c, s, k)).view(c, s * k)
+    grouped = d2[:, :width].view(c, groups, s)
+    g = torch.topk(grouped.amin(dim=2), k, dim=1, largest=False, sorted=False).indices
+    members = torch.gather(grouped, 1, g[:, :, None].expand(c, k, s)).view(c, k * s)
     if width < m:
         members = torch.cat([members, d2[:, width:]], dim=1)
     p = torch.topk(members, k, dim=1, largest=False, sorted=False).indices
-    # member p < s·k is member p // k of group g[p % k]: column (p // k)·groups + g[p % k]
-    col = torch.gather(g, 1, p.remainder(k)) + p.div(k, rounding_mode="floor") * groups
+    # member p < k·s is member p % s of group g[p // s]: column g[p // s]·s + p % s
+    col = torch.gather(g, 1, p.div(s, rounding_mode="floor").clamp_max_(k - 1)) * s + p % s
     if width < m:
-        col = torch.where(p < s * k, col, p + (width - s * k))
+        col = torch.where(p < k * s, col, p + (width - k * s))
     return col
 
 

@@ -153,8 +153,8 @@ def check_against_brute_force(xs, ref, ref_sq, k) -> torch.Tensor:
     [
         (600, 2048, 64, 5, None),  # the default size and group, several chunks
         (257, 1000, 16, 5, None),  # 15 groups of 64 and 40 rows left over
-        (40, 113, 7, 6, 8),  # 14 groups of 8 and 1 row left over
-        (40, 95, 7, 6, 8),  # fewer than 2·k groups: one top-k over M
+        (40, 113, 7, 6, 4),  # 28 groups of 4 and 1 row left over
+        (40, 95, 7, 6, 8),  # fewer than 3·k groups: one top-k over M
         (30, 100, 5, 1, 8),  # k = 1
         (20, 5, 3, 5, None),  # M = k
         (1, 2048, 64, 5, None),  # one row
@@ -170,7 +170,11 @@ def test_nearest_neighbours_are_the_brute_force_ones(b, m, d, k, group, lattice,
 
 def test_two_level_selection_picks_what_one_top_k_picks(monkeypatch):
     xs, ref, ref_sq = knn_case(700, 2040, 32, seed=5)  # no ties; 2040 = 31 · 64 + 56
+    calls = []
+    two_level = scoring._two_level_topk
+    monkeypatch.setattr(scoring, "_two_level_topk", lambda *a: calls.append(a) or two_level(*a))
     dist, idx = nearest_neighbours(xs, ref, ref_sq, 5)
+    assert len(calls) == 2  # chunks of 514 rows, each through the two levels
     monkeypatch.setattr(scoring, "KNN_GROUP", 4096)  # no groups: one top-k over M
     one_dist, one_idx = nearest_neighbours(xs, ref, ref_sq, 5)
     assert torch.equal(idx.sort(dim=1).values, one_idx.sort(dim=1).values)
