@@ -139,9 +139,14 @@ def _two_level_topk(d2: torch.Tensor, k: int, groups: int) -> torch.Tensor:
     c, m = d2.shape
     s = KNN_GROUP
     width = groups * s
-    grouped = d2[:, :width].view(c, groups, s)
-    g = torch.topk(grouped.amin(dim=2), k, dim=1, largest=False, sorted=False).indices
-    members = torch.gather(grouped, 1, g[:, :, None].expand(c, k, s)).view(c, k * s)
+    g = torch.topk(
+        d2[:, :width].view(c, groups, s).amin(dim=2), k, dim=1, largest=False, sorted=False
+    ).indices
+    # the chosen groups' members: blocks of s adjacent values of the (contiguous) d2,
+    # copied by index_select from the view of every s-long window of it
+    starts = g * s + torch.arange(0, c * m, m, device=d2.device)[:, None]
+    windows = d2.contiguous().view(-1).unfold(0, s, 1)
+    members = windows.index_select(0, starts.view(-1)).view(c, k * s)
     if width < m:
         members = torch.cat([members, d2[:, width:]], dim=1)
     p = torch.topk(members, k, dim=1, largest=False, sorted=False).indices
