@@ -35,6 +35,13 @@ Explain = Literal["all", "anomalies", "none"]
 # rows are taken in chunks of KNN_PAIRS // reference_rows (16 MiB of float32 at most),
 # so a batch's extra memory does not grow with its rows beyond its [B, k] results.
 KNN_PAIRS = 1 << 22
+# On CPU: chunks of at most KNN_CPU_PAIRS pairs (4 MiB, one buffer reused for all of a
+# batch's chunks), and the k nearest selected in two levels, among groups of KNN_GROUP
+# reference rows (nearest_neighbours). 64 rows a group: the second level's top-k then
+# has at least 64·k candidates, where torch's CPU top-k takes its cheap partial-sort
+# path (~2 ns a value, against ~12 below it; torch 2.13, tests/bench/knn.py).
+KNN_CPU_PAIRS = 1 << 20
+KNN_GROUP = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,21 +90,71 @@ def nearest_neighbours(
     ref_sq [M] = each reference row's squared norm.
 
     The candidates come from ‖r‖² − 2·x·r (the row's own ‖x‖² does not change its
-    ranking) in chunks of rows, one matrix product and a top-k each; the k distances
-    are then recomputed exactly from the differences, so a row's score does not carry
-    the cancellation error of the expanded form. Static shapes throughout (CUDA graphs).
+    ranking) in chunks of rows, one matrix product and a top-k selection each; the k
+    distances are then recomputed exactly from the differences, so a row's score does
+    not carry the cancellation error of the expanded form. On CPU, with at least 3·k
+    groups of KNN_GROUP reference rows (with fewer it gains nothing), the selection is
+    two-level (`_two_level_topk`: the same values, a fraction of the cost); elsewhere
+    one top-k over all M. Static shapes throughout, branches on shapes and device only
+    (CUDA graphs).
     """
-    chunk = max(1, KNN_PAIRS // max(1, reference.shape[0]))
+    m = reference.shape[0]
+    on_cpu = xs.device.type == "cpu"
+    groups = m // KNN_GROUP if on_cpu and m >= 3 * k * KNN_GROUP else 0
+    chunk = max(1, min(KNN_PAIRS, KNN_CPU_PAIRS if on_cpu else KNN_PAIRS) // max(1, m))
+    d2_buffer = xs.new_empty((min(chunk, xs.shape[0]), m)) if on_cpu else None
     dists, idx = [], []
     for start in range(0, xs.shape[0], chunk):
         x = xs[start : start + chunk]
-        d2 = torch.addmm(ref_sq, x, reference.T, alpha=-2.0)
-        i = torch.topk(d2, k, dim=1, largest=False, sorted=False).indices
+        if d2_buffer is None:
+            d2 = torch.addmm(ref_sq, x, reference.T, alpha=-2.0)
+        else:
+            d2 = torch.addmm(ref_sq, x, reference.T, alpha=-2.0, out=d2_buffer[: len(x)])
+        if groups:
+            i = _two_level_topk(d2, k, groups)
+        else:
+            i = torch.topk(d2, k, dim=1, largest=False, sorted=False).indices
         idx.append(i)
-        dists.append((x[:, None, :] - reference[i]).square().sum(dim=2).sqrt())
+        nearest = reference.index_select(0, i.reshape(-1)).view(*i.shape, -1)
+        dists.append(nearest.sub_(x[:, None, :]).square_().sum(dim=2).sqrt_())
     if len(idx) == 1:
         return dists[0], idx[0]
     return torch.cat(dists), torch.cat(idx)
+
+
+def _two_level_topk(d2: torch.Tensor, k: int, groups: int) -> torch.Tensor:
+    """Column indices [C, k] of the k smallest values in each row of d2 [C, M]: the same
+    values as one top-k over M, at a fraction of its CPU cost.
+
+    The first groups·KNN_GROUP columns form `groups` groups of KNN_GROUP adjacent
+    columns; the remaining columns (fewer than KNN_GROUP) are always candidates. Let v
+    be the row's k-th smallest value. A group whose minimum is below v is among the k
+    groups with the smallest minima (else k groups would have minima below v: k values
+    below v); if the k-th of those minima is above v, every group holding a value ≤ v
+    is among them; else the k minima are k values ≤ v. Either way the members of those
+    k groups and the remaining columns hold the row's k smallest values, so their top-k
+    is exact (ties may pick other columns of equal value). Indices stay in [0, M)
+    whatever the values, NaN included.
+    """
+    c, m = d2.shape
+    s = KNN_GROUP
+    width = groups * s
+    g = torch.topk(
+        d2[:, :width].view(c, groups, s).amin(dim=2), k, dim=1, largest=False, sorted=False
+    ).indices
+    # the chosen groups' members: blocks of s adjacent values of the (contiguous) d2,
+    # copied by index_select from the view of every s-long window of it
+    starts = g * s + torch.arange(0, c * m, m, device=d2.device)[:, None]
+    windows = d2.contiguous().view(-1).unfold(0, s, 1)
+    members = windows.index_select(0, starts.view(-1)).view(c, k * s)
+    if width < m:
+        members = torch.cat([members, d2[:, width:]], dim=1)
+    p = torch.topk(members, k, dim=1, largest=False, sorted=False).indices
+    # member p < k·s is member p % s of group g[p // s]: column g[p // s]·s + p % s
+    col = torch.gather(g, 1, p.div(s, rounding_mode="floor").clamp_max_(k - 1)) * s + p % s
+    if width < m:
+        col = torch.where(p < k * s, col, p + (width - k * s))
+    return col
 
 
 class Scorer:

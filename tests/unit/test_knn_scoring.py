@@ -1,7 +1,8 @@
 """The default score (knn): the mean distance to the k nearest reference rows stored in
-the checkpoint, against a brute-force computation; chunked like unchunked; through the
-static batches the CUDA path uses; its explanation; and the leave-one-out calibration
-scores of held-out rows that are themselves reference rows."""
+the checkpoint, against a brute-force computation; the two-level nearest-neighbour
+selection against brute force and a single top-k, ties and odd sizes included; chunked
+like unchunked; through the static batches the CUDA path uses; its explanation; and the
+leave-one-out calibration scores of held-out rows that are themselves reference rows."""
 
 from __future__ import annotations
 
@@ -9,12 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from training.fit import FitResult, TrainConfig, apply_scaler, fit, leave_one_out_scores
 from worker import scoring
 from worker.checkpoint import Checkpoint
 from worker.executors import StaticBatchExecutor
-from worker.scoring import Scorer
+from worker.scoring import Scorer, nearest_neighbours
 
 D, K = 5, 5
 
@@ -117,3 +119,71 @@ def test_held_out_reference_rows_are_scored_without_themselves():
         others = np.delete(reference, np.flatnonzero(ref_idx == i), axis=0)
         assert got[i] == pytest.approx(brute_force(xs[i : i + 1], others, K)[0], rel=1e-5)
     assert got.min() > 0.05  # no row is its own neighbour
+
+
+def knn_case(b: int, m: int, d: int, seed: int, lattice: bool = False):
+    """Rows [b, d] and reference rows [m, d] (with their squared norms); `lattice`: small
+    integers, so many distances tie exactly, and every third reference row repeated."""
+    g = torch.Generator().manual_seed(seed)
+    if lattice:
+        xs = torch.randint(-2, 3, (b, d), generator=g).float()
+        ref = torch.randint(-2, 3, (m, d), generator=g).float()
+        ref[2::3] = ref[0 : len(ref[2::3]) * 3 : 3]
+    else:
+        xs = torch.randn(b, d, generator=g)
+        ref = torch.randn(m, d, generator=g)
+    return xs, ref, ref.square().sum(dim=1)
+
+
+def check_against_brute_force(xs, ref, ref_sq, k) -> torch.Tensor:
+    dist, idx = nearest_neighbours(xs, ref, ref_sq, k)
+    assert dist.shape == idx.shape == (len(xs), k)
+    assert ((idx >= 0) & (idx < len(ref))).all()
+    assert (idx.sort(dim=1).values.diff(dim=1) > 0).all()  # k distinct reference rows
+    want = torch.cdist(xs.double(), ref.double()).sort(dim=1).values[:, :k]
+    # the k smallest distances, and the returned ones are the distances to those rows
+    torch.testing.assert_close(dist.double().sort(dim=1).values, want, rtol=1e-5, atol=1e-5)
+    own = (xs[:, None, :].double() - ref[idx].double()).square().sum(dim=2).sqrt()
+    torch.testing.assert_close(dist.double(), own, rtol=1e-5, atol=1e-5)
+    return idx
+
+
+@pytest.mark.parametrize(
+    ("b", "m", "d", "k", "group"),
+    [
+        (600, 2048, 64, 5, None),  # the default size and group, several chunks
+        (257, 1000, 16, 5, None),  # 15 groups of 64 and 40 rows left over
+        (40, 113, 7, 6, 4),  # 28 groups of 4 and 1 row left over
+        (40, 95, 7, 6, 8),  # fewer than 3·k groups: one top-k over M
+        (30, 100, 5, 1, 8),  # k = 1
+        (20, 5, 3, 5, None),  # M = k
+        (1, 2048, 64, 5, None),  # one row
+        (1, 37, 4, 5, 2),
+    ],
+)
+@pytest.mark.parametrize("lattice", [False, True], ids=["random", "ties"])
+def test_nearest_neighbours_are_the_brute_force_ones(b, m, d, k, group, lattice, monkeypatch):
+    if group is not None:
+        monkeypatch.setattr(scoring, "KNN_GROUP", group)
+    check_against_brute_force(*knn_case(b, m, d, seed=b + m + d + k, lattice=lattice), k)
+
+
+def test_two_level_selection_picks_what_one_top_k_picks(monkeypatch):
+    xs, ref, ref_sq = knn_case(700, 2040, 32, seed=5)  # no ties; 2040 = 31 · 64 + 56
+    calls = []
+    two_level = scoring._two_level_topk
+    monkeypatch.setattr(scoring, "_two_level_topk", lambda *a: calls.append(a) or two_level(*a))
+    dist, idx = nearest_neighbours(xs, ref, ref_sq, 5)
+    assert len(calls) == 2  # chunks of 514 rows, each through the two levels
+    monkeypatch.setattr(scoring, "KNN_GROUP", 4096)  # no groups: one top-k over M
+    one_dist, one_idx = nearest_neighbours(xs, ref, ref_sq, 5)
+    assert torch.equal(idx.sort(dim=1).values, one_idx.sort(dim=1).values)
+    assert torch.equal(dist.sort(dim=1).values, one_dist.sort(dim=1).values)
+
+
+def test_nearest_neighbours_of_a_nan_row_are_reference_rows():
+    xs, ref, ref_sq = knn_case(3, 2048, 8, seed=1)
+    xs[1, 2] = float("nan")
+    dist, idx = nearest_neighbours(xs, ref, ref_sq, 5)
+    assert ((idx >= 0) & (idx < len(ref))).all()
+    assert dist[1].isnan().all() and not dist[[0, 2]].isnan().any()
