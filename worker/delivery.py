@@ -34,6 +34,7 @@ from kafka import KafkaConsumer, KafkaProducer
 from kafka.errors import KafkaError
 from kafka.structs import TopicPartition
 
+from worker.clients import track_topic
 from worker.pipeline import Abandoned, Finished, Pipeline, PublishError, Settled, merge_offsets
 from worker.settings import WorkerSettings
 from worker.step import BatchOutcome
@@ -347,10 +348,18 @@ class OutputTopics:
 
 def _send(producer: KafkaProducer, outcome: BatchOutcome, topics: OutputTopics):
     """Every output of a batch: events, DLQ records, incident messages, changelog records."""
+    incidents = outcome.incidents + outcome.drift
+    for topic, outputs in (
+        (topics.events, outcome.events),
+        (topics.dlq, outcome.dlq),
+        (topics.incidents, incidents),
+        (topics.state, outcome.state),
+    ):
+        if outputs:
+            track_topic(producer, topic)
     send = producer.send
     futures = [send(topics.events, key=k, value=v, headers=h) for k, v, h in outcome.events]
     futures += [send(topics.dlq, key=k, value=v, headers=h) for k, v, h in outcome.dlq]
-    incidents = outcome.incidents + outcome.drift
     futures += [send(topics.incidents, key=k, value=v, headers=h) for k, v, h in incidents]
     futures += [send(topics.state, key=k, value=v, partition=p) for p, k, v in outcome.state]
     return futures
