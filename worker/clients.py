@@ -66,6 +66,20 @@ def track_topic(producer: KafkaProducer, topic: str) -> None:
         add_topic(topic)  # thread-safe: queued for the sender thread, which refreshes
 
 
+def unknown_leaders(producer: KafkaProducer, futures: list) -> list[str]:
+    """The partitions ("topic-partition") of these unacknowledged sends whose leader
+    the producer does not know (a stall's usual cause); [] when it cannot tell."""
+    metadata = getattr(producer, "_metadata", None)
+    leader_for = getattr(metadata, "leader_for_partition", None)
+    if leader_for is None:
+        return []
+    partitions = {
+        getattr(getattr(f, "_produce_future", None), "topic_partition", None) for f in futures
+    }
+    unknown = [tp for tp in partitions if tp is not None and leader_for(tp) in (None, -1)]
+    return sorted(f"{tp.topic}-{tp.partition}" for tp in unknown)
+
+
 def consumer_config(settings: WorkerSettings) -> dict:
     """kafka-python consumer settings: manual commits, committed reads only."""
     return dict(

@@ -34,7 +34,7 @@ from kafka import KafkaConsumer, KafkaProducer
 from kafka.errors import KafkaError
 from kafka.structs import TopicPartition
 
-from worker.clients import track_topic
+from worker.clients import track_topic, unknown_leaders
 from worker.pipeline import Abandoned, Finished, Pipeline, PublishError, Settled, merge_offsets
 from worker.settings import WorkerSettings
 from worker.step import BatchOutcome
@@ -42,6 +42,7 @@ from worker.step import BatchOutcome
 log = structlog.get_logger("worker.delivery")
 
 FLUSH_TIMEOUT_S = 30
+COMMIT_WAIT_LOG_S = 5  # a commit that waits longer says so, and on what, this often
 PIPELINE_DEPTH = 4  # micro-batches in flight (at-least-once) or in one transaction
 
 Wait = Literal["none", "room", "all"]
@@ -249,7 +250,7 @@ class ExactlyOnce:
         """Wait for the commit in flight; its batches finished, or its error (aborted)."""
         committing, self._committing = self._committing, None
         try:
-            committing.wait()  # raises the commit's error
+            self._wait_logging(producer, committing)  # raises the commit's error
             self._open = False
             _check_acknowledged(self._futures)
         except (KafkaError, PublishError) as e:
@@ -259,6 +260,22 @@ class ExactlyOnce:
         finished = [Finished(o, now - t) for o, t in self._batches]
         self._batches, self._futures = [], []
         return Settled(finished)
+
+    def _wait_logging(self, producer, committing) -> None:
+        """Wait for the commit, saying every COMMIT_WAIT_LOG_S what it waits for: a stall
+        (e.g. outputs whose partition leader the producer does not know) is in the logs
+        within seconds, not only when kafka-python expires the outputs (120 s)."""
+        started = time.monotonic()
+        while not committing.wait(timeout_ms=COMMIT_WAIT_LOG_S * 1000):
+            pending = [f for f in self._futures if not f.is_done]
+            log.warning(
+                "commit_waiting",
+                waited_s=round(time.monotonic() - started, 1),
+                unacknowledged=len(pending),
+                leader_unknown=unknown_leaders(producer, pending),
+                action="waits until the outputs are acknowledged or expire "
+                "(then aborts and reads the records again)",
+            )
 
     def abandon(self, producer) -> Abandoned:
         if self._committing is not None:  # committed records must not be read again
@@ -283,8 +300,8 @@ class _Committed:
 
     is_done = True
 
-    def wait(self) -> None:
-        pass
+    def wait(self, timeout_ms: float | None = None) -> bool:
+        return True
 
 
 def _begin_commit(producer: KafkaProducer, offsets: dict, group_metadata):
