@@ -48,6 +48,38 @@ def producer_config(settings: WorkerSettings, extra: dict | None = None) -> dict
     )
 
 
+def track_topic(producer: KafkaProducer, topic: str) -> None:
+    """Have every metadata refresh of the producer include `topic`, before it is sent to.
+
+    kafka-python's producer asks for the metadata of the topics it tracks, and replaces
+    what it knew with the answer. It tracks a topic only when a send had to wait for
+    the topic's metadata. Tansu answers a request for no topics (the bootstrap's) with
+    every topic, so an output topic that existed at start-up is known but untracked:
+    the first refresh for another topic (e.g. an auto-created incident topic) forgets
+    its partitions, and its unsent batches wait, leader unknown, for refreshes that
+    never ask for it, until they expire (120 s). docs/benchmarks.md ("A stall seen in
+    these runs"). Idempotent and cheap once tracked; a client without these parts (a
+    test fake) is left alone."""
+    sender = getattr(producer, "_sender", None)
+    add_topic = getattr(sender, "add_topic", None)
+    if add_topic is not None:
+        add_topic(topic)  # thread-safe: queued for the sender thread, which refreshes
+
+
+def unknown_leaders(producer: KafkaProducer, futures: list) -> list[str]:
+    """The partitions ("topic-partition") of these unacknowledged sends whose leader
+    the producer does not know (a stall's usual cause); [] when it cannot tell."""
+    metadata = getattr(producer, "_metadata", None)
+    leader_for = getattr(metadata, "leader_for_partition", None)
+    if leader_for is None:
+        return []
+    partitions = {
+        getattr(getattr(f, "_produce_future", None), "topic_partition", None) for f in futures
+    }
+    unknown = [tp for tp in partitions if tp is not None and leader_for(tp) in (None, -1)]
+    return sorted(f"{tp.topic}-{tp.partition}" for tp in unknown)
+
+
 def consumer_config(settings: WorkerSettings) -> dict:
     """kafka-python consumer settings: manual commits, committed reads only."""
     return dict(

@@ -34,6 +34,7 @@ from kafka import KafkaConsumer, KafkaProducer
 from kafka.errors import KafkaError
 from kafka.structs import TopicPartition
 
+from worker.clients import track_topic, unknown_leaders
 from worker.pipeline import Abandoned, Finished, Pipeline, PublishError, Settled, merge_offsets
 from worker.settings import WorkerSettings
 from worker.step import BatchOutcome
@@ -41,6 +42,7 @@ from worker.step import BatchOutcome
 log = structlog.get_logger("worker.delivery")
 
 FLUSH_TIMEOUT_S = 30
+COMMIT_WAIT_LOG_S = 5  # a commit that waits longer says so, and on what, this often
 PIPELINE_DEPTH = 4  # micro-batches in flight (at-least-once) or in one transaction
 
 Wait = Literal["none", "room", "all"]
@@ -248,7 +250,7 @@ class ExactlyOnce:
         """Wait for the commit in flight; its batches finished, or its error (aborted)."""
         committing, self._committing = self._committing, None
         try:
-            committing.wait()  # raises the commit's error
+            self._wait_logging(producer, committing)  # raises the commit's error
             self._open = False
             _check_acknowledged(self._futures)
         except (KafkaError, PublishError) as e:
@@ -258,6 +260,22 @@ class ExactlyOnce:
         finished = [Finished(o, now - t) for o, t in self._batches]
         self._batches, self._futures = [], []
         return Settled(finished)
+
+    def _wait_logging(self, producer, committing) -> None:
+        """Wait for the commit, saying every COMMIT_WAIT_LOG_S what it waits for: a stall
+        (e.g. outputs whose partition leader the producer does not know) is in the logs
+        within seconds, not only when kafka-python expires the outputs (120 s)."""
+        started = time.monotonic()
+        while not committing.wait(timeout_ms=COMMIT_WAIT_LOG_S * 1000):
+            pending = [f for f in self._futures if not f.is_done]
+            log.warning(
+                "commit_waiting",
+                waited_s=round(time.monotonic() - started, 1),
+                unacknowledged=len(pending),
+                leader_unknown=unknown_leaders(producer, pending),
+                action="waits until the outputs are acknowledged or expire "
+                "(then aborts and reads the records again)",
+            )
 
     def abandon(self, producer) -> Abandoned:
         if self._committing is not None:  # committed records must not be read again
@@ -282,8 +300,8 @@ class _Committed:
 
     is_done = True
 
-    def wait(self) -> None:
-        pass
+    def wait(self, timeout_ms: float | None = None) -> bool:
+        return True
 
 
 def _begin_commit(producer: KafkaProducer, offsets: dict, group_metadata):
@@ -347,10 +365,18 @@ class OutputTopics:
 
 def _send(producer: KafkaProducer, outcome: BatchOutcome, topics: OutputTopics):
     """Every output of a batch: events, DLQ records, incident messages, changelog records."""
+    incidents = outcome.incidents + outcome.drift
+    for topic, outputs in (
+        (topics.events, outcome.events),
+        (topics.dlq, outcome.dlq),
+        (topics.incidents, incidents),
+        (topics.state, outcome.state),
+    ):
+        if outputs:
+            track_topic(producer, topic)
     send = producer.send
     futures = [send(topics.events, key=k, value=v, headers=h) for k, v, h in outcome.events]
     futures += [send(topics.dlq, key=k, value=v, headers=h) for k, v, h in outcome.dlq]
-    incidents = outcome.incidents + outcome.drift
     futures += [send(topics.incidents, key=k, value=v, headers=h) for k, v, h in incidents]
     futures += [send(topics.state, key=k, value=v, partition=p) for p, k, v in outcome.state]
     return futures

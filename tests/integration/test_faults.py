@@ -39,6 +39,7 @@ from tests.integration.conftest import DIM, FEATURES
 from tests.integration.kafka_helpers import (
     broker_hides_aborted,
     committed_offsets,
+    create_topics,
     events_of,
     http_get,
     log_events,
@@ -56,9 +57,11 @@ from tests.integration.tcp_proxy import TcpProxy
 from tests.support import PickleCanary, normal_rows
 from worker import codec
 from worker.checkpoint import LATEST_FILE, MANIFEST_FILE, WEIGHTS_FILE, publish, sha256_bytes
+from worker.delivery import OutputTopics, _send
 from worker.model import CAEConfig, ContractiveAutoencoder
 from worker.service import Worker
 from worker.settings import WorkerSettings
+from worker.step import BatchOutcome
 
 SEED = int(os.environ.get("CAE_FAULT_SEED", "20261127"))
 
@@ -1063,3 +1066,35 @@ def test_sasl_password_never_appears_in_logs_or_metrics(broker, topics, model_di
     assert secret not in text
     for page in pages:
         assert secret not in page
+
+
+def test_exactly_once_output_known_at_start_is_not_forgotten_by_a_refresh_for_another(broker):
+    """The first transaction's stall (docs/benchmarks.md, "A stall seen in these runs"):
+    Tansu answers the producer's bootstrap request for no topics with every topic, so an
+    output topic created before the worker is known without being tracked; a send to a
+    topic the producer does not know yet (here created after the producer's start, in
+    the worker an auto-created incident topic) refreshes the metadata of that topic
+    alone, which forgets the first one's partitions, and its batch (held back by
+    linger_ms until then) waits for a leader that no refresh asks for until it expires
+    (delivery_timeout_ms, 120 s). The worker's sends track every topic they write to."""
+    events, state = unique("events"), unique("state")
+    create_topics(broker.bootstrap, [events], partitions=1)
+    p = producer(
+        broker.bootstrap,
+        transactional_id=unique("tx"),
+        enable_idempotence=True,
+        linger_ms=2_000,  # the events' batch is still unsent when the state topic's refresh ends
+    )
+    try:
+        p.init_transactions()
+        assert p.partitions_for(events) == {0}  # known from the bootstrap alone
+        create_topics(broker.bootstrap, [state], partitions=1)
+        p.begin_transaction()
+        topics = OutputTopics(events=events, dlq=events, incidents=events, state=state)
+        futures = _send(p, BatchOutcome([], [(b"k", b"event", [])], [], {}), topics)
+        futures += _send(p, BatchOutcome([], [], [], {}, state=[(0, b"k", b"s")]), topics)
+        p.flush(timeout=15)  # raises KafkaTimeoutError when the events' batch stalls
+        p.commit_transaction()
+        assert all(f.succeeded() for f in futures)
+    finally:
+        p.close(timeout=5)

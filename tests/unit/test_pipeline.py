@@ -8,7 +8,9 @@ from collections import namedtuple
 import pytest
 from kafka.errors import KafkaError, KafkaTimeoutError
 from kafka.structs import TopicPartition
+from structlog.testing import capture_logs
 
+from worker.clients import unknown_leaders
 from worker.delivery import AtLeastOnce, ExactlyOnce
 from worker.pipeline import Pipeline, Settled, merge_offsets
 from worker.settings import WorkerSettings
@@ -293,11 +295,15 @@ class CommitResult:
         self.producer.calls.append("commit ended")
         self.is_done, self.error = True, error
 
-    def wait(self):
+    def wait(self, timeout_ms=None) -> bool:
+        if not self.is_done and self.producer.stalled_waits:  # the timeout passed
+            self.producer.stalled_waits -= 1
+            return False
         if not self.is_done:  # the real one blocks until the sender thread ends it
             self.end(KafkaError("injected: commit failed") if self.producer.fail_commit else None)
         if self.error:
             raise self.error
+        return True
 
 
 class TransactionManager:
@@ -327,6 +333,7 @@ class AsyncTxProducer(TxProducer):
         self._transaction_manager = TransactionManager(self)
         self._sender = self
         self.result: CommitResult | None = None
+        self.stalled_waits = 0  # waits of the commit that time out before it ends
 
     def send_offsets_to_transaction(self, offsets, group):
         raise AssertionError("blocks the loop")
@@ -441,6 +448,38 @@ def test_abandon_during_a_commit_that_succeeds_hands_back_none_of_its_records():
     assert d.in_flight() == 0
 
 
+def test_a_commit_that_waits_says_so_every_few_seconds_and_on_what():
+    """A stalled first transaction is in the logs within seconds, not after 120 s."""
+    clock, producer, consumer = Clock(), AsyncTxProducer(), GroupConsumer()
+    d = started_commit(clock, producer, consumer)
+    producer.stalled_waits = 2
+    with capture_logs() as logs:
+        settled = d.settle(producer, consumer, wait="all")
+    assert len(settled.finished) == 1 and settled.error is None
+    waiting = [e for e in logs if e["event"] == "commit_waiting"]
+    assert len(waiting) == 2 and all(e["log_level"] == "warning" for e in waiting)
+    assert waiting[0]["unacknowledged"] == 1 and waiting[0]["leader_unknown"] == []
+
+
+def test_unknown_leaders_names_the_partitions_the_producer_has_no_leader_for():
+    from kafka.cluster import ClusterMetadata
+    from kafka.producer.future import FutureProduceResult, FutureRecordMetadata
+
+    def sent(topic: str) -> FutureRecordMetadata:
+        return FutureRecordMetadata(
+            FutureProduceResult(TopicPartition(topic, 0)), 0, 0, None, 1, 1, -1
+        )
+
+    class Producer:
+        _metadata = ClusterMetadata()  # knows no topic: every leader unknown
+
+    assert unknown_leaders(Producer(), [sent("events"), sent("state"), sent("events")]) == [
+        "events-0",
+        "state-0",
+    ]
+    assert unknown_leaders(object(), [sent("events")]) == [], "a client without the parts"
+
+
 def test_without_the_transaction_managers_parts_the_commit_blocks():
     """A kafka-python whose producer lacks the private parts: the public calls."""
     clock, producer, consumer = Clock(), TxProducer(), GroupConsumer()
@@ -461,6 +500,21 @@ def test_the_installed_kafka_python_has_the_parts_the_overlapped_commit_uses():
     assert callable(Manager.send_offsets_to_transaction) and callable(Manager.begin_commit)
     names = KafkaProducer.__init__.__code__.co_names  # what the constructor assigns
     assert "_transaction_manager" in names and "_sender" in names
+
+
+def test_the_installed_kafka_python_has_the_parts_topic_tracking_and_the_wait_log_use():
+    """Else the worker's sends do not track their topics (worker.clients.track_topic)
+    and a waiting commit cannot name its partitions: the stall is back, silently."""
+    from kafka.cluster import ClusterMetadata
+    from kafka.producer.future import FutureProduceResult
+    from kafka.producer.kafka import KafkaProducer
+    from kafka.producer.sender import Sender
+    from kafka.producer.transaction_manager import TransactionalRequestResult
+
+    assert callable(Sender.add_topic) and callable(ClusterMetadata.leader_for_partition)
+    assert "_metadata" in KafkaProducer.__init__.__code__.co_names
+    assert "topic_partition" in FutureProduceResult.__slots__
+    assert TransactionalRequestResult().wait(timeout_ms=1) is False, "a wait that times out"
 
 
 def test_a_drift_incident_of_an_abandoned_batch_is_carried():
