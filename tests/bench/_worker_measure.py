@@ -334,13 +334,18 @@ def measure_latency(
     extra_env: dict,
     cmd: list[str] | None = None,
     isolation_level: str = "read_uncommitted",
+    cwd: str | Path | None = None,
 ) -> dict:
     """WORKER_EMIT=all at a steady `rate`; every event's arrival here minus its input's timestamp.
 
     `cmd` replaces `python -m worker` by another loop that emits an event per record (the
     passthrough with threshold 0: the latency floor of the transport); it runs bounded
     (WORKER_MAX_RECORDS = every record this run sends). `isolation_level`
-    "read_committed" reads as a downstream consumer of an exactly-once worker does."""
+    "read_committed" reads as a downstream consumer of an exactly-once worker does;
+    `cwd`: where the worker runs (another checkout's `python -m worker`). Also reported:
+    the CPU (cores) of the worker, the producer, the broker (ctx["broker_pid"]) and
+    this reader over the timed part, and the records per batch (the events of one
+    batch share its detected_at_ms)."""
     from tests.bench._worker_clients import STEADY_PRODUCER, encode
 
     bootstrap = ctx["bootstrap"]
@@ -369,7 +374,7 @@ def measure_latency(
         worker = subprocess.Popen(
             cmd or [sys.executable, "-m", "worker"],
             env=env,
-            cwd=REPO,
+            cwd=cwd or REPO,
             stdout=f,
             stderr=subprocess.STDOUT,
         )
@@ -392,6 +397,7 @@ def measure_latency(
             cwd=REPO,
             stdout=subprocess.PIPE,
         )
+        cpu_from = _cpu_now(worker.pid, sender.pid, ctx.get("broker_pid"))
         expected = warmup + int(rate * seconds)
         deadline = time.monotonic() + seconds + 60
         while received < expected and time.monotonic() < deadline:
@@ -407,6 +413,7 @@ def measure_latency(
                         )
             if sender.poll() is not None and sender.returncode != 0:
                 raise RuntimeError(f"latency {encoding}: producer exited {sender.returncode}")
+        cpu_to = _cpu_now(worker.pid, sender.pid, ctx.get("broker_pid"))
         sent = json.loads(sender.communicate(timeout=60)[0].decode().strip().splitlines()[-1])
     finally:
         consumer.close()
@@ -428,4 +435,24 @@ def measure_latency(
         "isolation_level": isolation_level,
         **summary,
         "split": split,
+        "records_per_batch": len(detected) / max(1, len(np.unique(detected))),
+        "cpu_cores": {
+            k: round((cpu_to[k] - cpu_from[k]) / (cpu_to["t"] - cpu_from["t"]), 3)
+            for k in cpu_from
+            if k != "t"
+        },
     }
+
+
+def _cpu_now(worker_pid: int, sender_pid: int, broker_pid: int | None) -> dict:
+    """CPU seconds so far of the latency run's processes (the producer's and the
+    worker's own; this process's as the reader) and the monotonic time."""
+    got = {
+        "worker": cpu_seconds(worker_pid),
+        "producer": cpu_seconds(sender_pid),
+        "reader": time.process_time(),
+        "t": time.monotonic(),
+    }
+    if broker_pid is not None:
+        got["broker"] = cpu_seconds(broker_pid)
+    return got

@@ -42,6 +42,9 @@ proxy, to show that the proxy is not the bottleneck.
 --loops "worker;worker, incidents off;passthrough" runs only those loops (JSON and
 float32), prints their table and ratios, and skips the rest.
 
+--latency-only runs just the end-to-end latency (tests/bench/_worker_latency.py): the
+worker, --worker-env and --baseline-repo variants in alternating rounds at a fixed rate.
+
 --shadow-only runs just the drift and shadow CPU loops (tests/bench/_worker_shadow.py):
 the worker with drift off, with defaults, and with a candidate in shadow, over JSON and
 float32 topics, --shadow-rounds times; results: tests/bench/results/worker-shadow.json.
@@ -163,6 +166,26 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="only the CPU loops of drift off / defaults / a candidate in shadow",
     )
     p.add_argument("--shadow-rounds", type=int, default=3)
+    p.add_argument(
+        "--latency-only",
+        action="store_true",
+        help="only the end-to-end latency (tests/bench/_worker_latency.py): the worker, "
+        "+ --worker-env, + --baseline-repo, in alternating rounds",
+    )
+    p.add_argument(
+        "--latency-rate",
+        default="",
+        help="records/s per format for --latency-only, e.g. json=5683,float32=6258 "
+        "(default: half the emit=all capacity in results/worker.json)",
+    )
+    p.add_argument("--latency-formats", default="json,float32")
+    p.add_argument("--latency-rounds", type=int, default=1)
+    p.add_argument(
+        "--latency-prefill",
+        type=int,
+        default=0,
+        help="records per format the broker holds before --latency-only measures",
+    )
     p.add_argument("--baseline-repo", help="also run python -m worker from this checkout")
     p.add_argument(
         "--baseline-first", action="store_true", help="time the baseline loops first (order check)"
@@ -195,6 +218,8 @@ def main(argv: list[str] | None = None) -> dict:
         results = {}
         if args.shadow_only:
             return _shadow_only(args, argv, info, started, tmp)
+        if args.latency_only:
+            return _latency_only(args, argv, info, started, tmp)
         if not args.delay_only:
             with EmbeddedBroker(log_path=tmp / "tansu.log") as broker:
                 results = _run(args, broker, tmp)
@@ -242,6 +267,31 @@ def _shadow_only(args, argv, info: dict, started: float, tmp: Path) -> dict:
             [[r["name"], r["value"], r["goal"], r["met"]] for r in loops["ratios"]],
         )
     )
+    return results
+
+
+def _latency_only(args, argv, info: dict, started: float, tmp: Path) -> dict:
+    from tests.bench._worker_latency import render_latency_only, run_latency_only
+
+    runs = run_latency_only(args, tmp, train, make_data)
+    results = {
+        "benchmark": NAME + "-latency",
+        "date": now_iso(),
+        "command": "python -m tests.bench.worker " + " ".join(argv or []),
+        "machine": {**info, "load_avg_1m_at_end": round(os.getloadavg()[0], 2)},
+        "wall_s": round(time.monotonic() - started, 1),
+        "config": {
+            "score": args.score or "default (knn)",
+            "latency_s": args.latency_s,
+            "worker_env_ab": args.worker_env,
+            "baseline_repo": args.baseline_repo,
+            "prefill": args.latency_prefill,
+        },
+        **runs,
+    }
+    if not args.no_write:
+        log(f"wrote {write_results(NAME + '-latency', results)}")
+    print(render_latency_only(results))
     return results
 
 
