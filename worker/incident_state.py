@@ -61,7 +61,11 @@ def read_state(
             if time.monotonic() > deadline:
                 raise RestoreError(f"{topic}: not read to its end in {timeout_s:.0f}s")
             for tp, recs in consumer.poll(timeout_ms=200).items():
-                records[tp].extend(r for r in recs if r.offset < ends[tp])
+                # every record read is kept, also past `ends`: the changelog is this
+                # worker's alone now and read_committed hides open transactions, and
+                # Tansu reports a partition's end as its last batch's base offset + 1,
+                # so a filter at `ends` lost the newest batch's state and marker
+                records[tp].extend(recs)
             todo = {tp for tp in todo if consumer.position(tp) < ends[tp]}
         read = sum(len(v) for v in records.values())
         return {tp.partition: read_changelog(recs) for tp, recs in records.items()}, read

@@ -128,3 +128,30 @@ def test_planted_episodes_open_one_incident_each_and_a_replay_gives_the_same(
         return sorted(orjson.dumps(m, option=orjson.OPT_SORT_KEYS) for m in msgs)
 
     assert canonical(replayed) == canonical(messages)
+
+
+def test_the_changelog_is_restored_to_its_last_record_also_when_written_in_one_batch(
+    broker, topics, tmp_path
+):
+    """A batch's changelog records go out together, its marker last. Tansu answers a
+    partition's end offset with its last batch's base offset + 1 (Kafka: the last
+    offset + 1); the restore must still apply the whole last batch, marker included."""
+    from kafka import KafkaProducer
+
+    from tests.integration.kafka_helpers import worker_settings
+    from worker.incident_records import MARKER_KEY, state_key
+    from worker.incident_state import read_state
+
+    producer = KafkaProducer(bootstrap_servers=broker.bootstrap, linger_ms=50)
+    for i in range(20):
+        producer.send(topics["state"], key=state_key(b"key-%d" % i), value=b"s%d" % i, partition=0)
+    marker = orjson.dumps({"applied": 1234, "stream_ms": 5678})
+    producer.send(topics["state"], key=MARKER_KEY, value=marker, partition=0)
+    producer.flush()
+    producer.close()
+    settings = worker_settings(broker.bootstrap, topics, tmp_path)
+    restored, read = read_state(settings, [0], timeout_s=20)
+    states, applied, stream_ms = restored[0]
+    assert read == 21
+    assert (applied, stream_ms) == (1234, 5678)
+    assert states == {b"key-%d" % i: b"s%d" % i for i in range(20)}
