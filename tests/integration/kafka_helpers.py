@@ -221,6 +221,24 @@ def start_worker(env: dict, log_path: Path) -> subprocess.Popen:
         log.close()
 
 
+def start_trainer(bootstrap: str, input_topic: str, flags: list[str], log_path: Path):
+    """`python -m training --from-kafka FLAGS` as its own process, reading `input_topic`
+    on `bootstrap`; no TRAINER_*/KAFKA_* setting leaks in from the environment."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TRAINER_", "KAFKA_"))}
+    env.update(KAFKA_BOOTSTRAP_SERVERS=bootstrap, TRAINER_INPUT_TOPIC=input_topic)
+    log = open(log_path, "wb")  # noqa: SIM115 - the child owns it
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-m", "training", "--from-kafka", *flags],
+            env=env,
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    finally:
+        log.close()
+
+
 def copy_model_dir(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst

@@ -5,9 +5,6 @@ record is scored and committed."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import threading
 import time
 
@@ -17,13 +14,13 @@ import pytest
 
 from tests.integration.conftest import DIM, FEATURES
 from tests.integration.kafka_helpers import (
-    ROOT,
     committed_offsets,
     events_of,
     incidents_of,
     log_events,
     producer,
     read_topic,
+    start_trainer,
     start_worker,
     stop_worker,
     wait_for,
@@ -205,20 +202,11 @@ def test_drift_retrain_shadow_promote_resolve_without_losing_a_record(
         broker.bootstrap, topics, model_dir, WORKER_EMIT="all", WORKER_SHADOW_RECORDS="2000"
     )
     worker = start_worker(env, wlog)
-    tenv = {k: v for k, v in os.environ.items() if not k.startswith(("TRAINER_", "KAFKA_"))}
-    tenv.update(KAFKA_BOOTSTRAP_SERVERS=broker.bootstrap, TRAINER_INPUT_TOPIC=topics["input"])
     flags = ["--out", str(model_dir), "--max-seconds", "30", "--max-records", "8000"]
     flags += ["--epochs", "25", "--every-seconds", "3600", "--keep", "10"]
     # 15 s at 400/s: ~6 000 rows since the opening, ~1 500 held out for the threshold
     flags += ["--incident-topic", topics["incidents"], "--drift-delay-seconds", "15"]
-    with open(tlog, "wb") as sink:
-        trainer = subprocess.Popen(
-            [sys.executable, "-m", "training", "--from-kafka", *flags],
-            env=tenv,
-            cwd=ROOT,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-        )
+    trainer = start_trainer(broker.bootstrap, topics["input"], flags, tlog)
     stream = ShiftingStream(broker.bootstrap, topics["input"], rate=400, delta=1.5)
 
     def seen(event: str, after: str | None = None) -> list[dict]:

@@ -9,7 +9,7 @@ import sys
 import orjson
 
 from tests.integration.conftest import FEATURES
-from tests.integration.kafka_helpers import ROOT, producer
+from tests.integration.kafka_helpers import ROOT, producer, start_trainer
 from tests.support import normal_rows, stop_worker, wait_for
 from training.from_kafka import read_snapshot
 from worker import codec
@@ -153,19 +153,10 @@ def test_a_drift_incident_retrains_on_the_records_since_it_opened(broker, topics
     for i, row in enumerate(old):
         p.send(topics["input"], value=codec.encode_json(row), timestamp_ms=t0 + i)
     p.flush()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TRAINER_", "KAFKA_"))}
-    env.update(KAFKA_BOOTSTRAP_SERVERS=broker.bootstrap, TRAINER_INPUT_TOPIC=topics["input"])
     log = tmp_path / "trainer.log"
     flags = ["--out", str(out), "--max-seconds", "30", "--epochs", "10", "--every-seconds", "3600"]
     flags += ["--incident-topic", topics["incidents"], "--drift-delay-seconds", "1"]
-    with open(log, "wb") as sink:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "training", "--from-kafka", *flags],
-            env=env,
-            cwd=ROOT,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-        )
+    proc = start_trainer(broker.bootstrap, topics["input"], flags, log)
     try:
         v1 = wait_for(lambda: read_latest(out), 120, 0.5, "the first cycle", proc)
         # the operating point moves; the worker reports drift on the incident topic
