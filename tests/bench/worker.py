@@ -302,7 +302,7 @@ def _delayed(args: argparse.Namespace, tmp: Path) -> dict:
 
     model_dir = tmp / "models"
     if not model_dir.exists():
-        train(model_dir, args.seed)
+        train(model_dir, args.seed, args.score)
     x, _ = make_data(args.delay_records, args.seed + 20)
     np.save(tmp / "delay.npy", x)
     scorer = load_scorer(model_dir / read_latest(model_dir), device="cpu")
