@@ -6,17 +6,19 @@ out the rows a model flags (p ≤ alpha, its target false-positive rate) and tes
 rest: a normal row's p-value given p > alpha is uniform on (alpha, 1]. Its p-value
 is (1 + calibration scores ≥ its score) / (1 + n_cal), so the mean p-value of W such
 rows is a rescaled Mann–Whitney statistic of their scores against the checkpoint's
-(1 − alpha)·n held-out scores above alpha. While the stream still looks like the data
-the model was held out on, that mean is the mean of the p-value table above alpha
-(about (1 + alpha)/2), with variance (1 − alpha)² (1/W + 1/n' + 1/(n'W)) / 12: the
-held-out sample is itself a draw, so a small one widens the test; it is what the
-model was calibrated on, so it is the right reference. The statistic is
+(1 − alpha)·n calibration scores above alpha (n calibration rows: every normal row for
+the knn score, the held-out rows for a reconstruction score; training/tail.py). While
+the stream still looks like the data the model was calibrated on, that mean is the
+mean of the p-value table above alpha (about (1 + alpha)/2), with variance
+(1 − alpha)² (1/W + 1/n' + 1/(n'W)) / 12: the calibration sample is itself a draw, so
+a small one widens the test; it is what the model was calibrated on, so it is the
+right reference. The statistic is
 
     T = (window mean p − expected) / its standard deviation
 
 over a sliding window of the last `window` **records** (rows, in arrival order; not
 event time: a replay at any speed gives the same windows), per input topic. T < 0:
-the stream scores higher than the held-out data (more anomalous); T > 0: lower.
+the stream scores higher than the calibration rows (more anomalous); T > 0: lower.
 
 Repeated testing: the window moves in blocks of window/10 rows and is tested once
 per block, once full. Drift opens when |T| ≥ `level` (default 6: two-sided 2·10⁻⁹
@@ -60,7 +62,7 @@ class Reference:
     version: str
     alpha: float  # the target false-positive rate: rows with p ≤ alpha are anomalies
     n_cal: int  # calibration scores behind the p-value table
-    n_heldout: int  # held-out scores the calibration summarises
+    n_calibration: int  # calibration rows the p-value table summarises (the tail's n)
     feature_names: tuple[str, ...]
     center: np.ndarray  # float64 [D]
     scale: np.ndarray  # float64 [D]
@@ -73,7 +75,7 @@ class Reference:
             version=manifest.version,
             alpha=manifest.target_fpr,
             n_cal=n_cal,
-            n_heldout=max(n, n_cal),
+            n_calibration=max(n, n_cal),
             feature_names=tuple(manifest.feature_names),
             center=np.asarray(manifest.scaler.center, dtype=np.float64),
             scale=np.asarray(manifest.scaler.scale, dtype=np.float64),
@@ -88,8 +90,8 @@ class Reference:
 
     def sd_of_mean(self, w: int) -> float:
         """Standard deviation of the mean of w such p-values: uniform on (alpha, 1],
-        compared with the (1 − alpha)·n held-out scores above alpha."""
-        n = max(1.0, (1 - self.alpha) * self.n_heldout)
+        compared with the (1 − alpha)·n calibration scores above alpha."""
+        n = max(1.0, (1 - self.alpha) * self.n_calibration)
         return (1 - self.alpha) * math.sqrt((1 / w + 1 / n + 1 / (n * w)) / 12)
 
 

@@ -1,7 +1,8 @@
 """The incident tracker's records (docs/contract.md#incidents): the scored rows it reads
 (`Rows`, `rows_of`), the per-key state it keeps (`Anomaly`, `Incident`, `KeyState`) and
-that state's changelog form on WORKER_INCIDENT_STATE_TOPIC, and the message schema.
-Pure data: nothing here talks to Kafka."""
+that state's changelog form on WORKER_INCIDENT_STATE_TOPIC, and the message schema
+(the message itself: worker/incident_messages.py). Pure data: nothing here talks to
+Kafka."""
 
 from __future__ import annotations
 

@@ -1,28 +1,15 @@
 """Per-entity incidents (docs/contract.md#incidents): scored rows in → incident messages
 and changed per-key state out. Pure logic: nothing here talks to Kafka.
 
-The entity is the input record's Kafka key (bytes; None and b"" are entities of
-their own); its state lives with the input partition the row came from. Time is
-**event time** (the record's `ts`, else its Kafka timestamp), so a replayed
-backlog yields the same incidents as the live stream:
-
-* a key's **window** is its last `window` rows (a bitmask, bit 0 = newest); history
-  the tracker does not hold counts as normal, so a key with no anomaly in its window
-  and no open incident has no state at all;
-* an incident **opens** at the row that makes ≥ `open_count` of the window anomalous;
-  its id is a hash of that row's (topic, partition, offset, row) and the key;
-* while open, an **update** goes out at most every `update_ms` of the key's event
-  time, only when something changed;
-* it **resolves** once the partition's stream time (the largest event time seen on
-  that input partition) is `quiet_ms` past the key's last anomalous row, so a key
-  that goes silent still resolves; anomalies of a key without an incident expire
-  the same way;
-* at most `max_keys` keys hold state; a new one evicts the key touched longest ago
-  in input order (an open incident there resolves with `resolution: "evicted"`).
+The tracker takes one batch at a time: it picks out the rows that can change anything
+and hands them, in (partition, offset, row) order, to the per-key rule
+(worker/incident_rule.py), sweeps what expired, and keeps each partition's progress
+(the next offset to apply, its stream time). The messages are
+worker/incident_messages.py's; the rows it reads, the state it keeps and the
+changelog form: worker/incident_records.py.
 
 Every batch's changes are journalled until the batch is delivered, so a failed
-delivery rolls the tracker back to the last delivered batch (`rollback`). The rows it
-reads, the state it keeps and the changelog form: worker/incident_records.py.
+delivery rolls the tracker back to the last delivered batch (`rollback`).
 
 Cost: a row changes something only if it is anomalous or its key holds state, so the
 batch picks those rows out in numpy and C and looks at only them in Python; a run of
@@ -34,32 +21,23 @@ The result is the per-row path's, message for message and byte for byte
 
 from __future__ import annotations
 
-import hashlib
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
-import orjson
 
-from worker.incident_expiry import Deadlines
+from worker.incident_messages import SCHEMA_HEADER, incident_message, severity
 from worker.incident_records import (  # re-exported: the tracker's API
     Anomaly,
     Incident,
     KeyState,
     Observed,
     Rows,
-    Src,
     changelog_records,
     incident_schema,
     read_changelog,
     rows_of,
 )
-
-SCHEMA_VERSION = 1
-SCHEMA_HEADER = b"cae-stream.incident.v1"
-KIND = "anomaly"
-# Severity bands from the p-value of the incident's strongest row (upper bounds, inclusive).
-SEVERITY_BANDS = ((1e-7, "critical"), (1e-5, "high"), (1e-3, "medium"), (1.0, "low"))
+from worker.incident_rule import IncidentConfig, IncidentRule, open_count
 
 __all__ = [
     "Anomaly",
@@ -71,30 +49,11 @@ __all__ = [
     "Rows",
     "changelog_records",
     "incident_schema",
+    "open_count",
     "read_changelog",
     "rows_of",
     "severity",
 ]
-
-
-def severity(p_value: float) -> str:
-    for bound, name in SEVERITY_BANDS:
-        if p_value <= bound:
-            return name
-    return "low"
-
-
-def open_count(window: int, share: float) -> int:
-    """Anomalous rows of the window that open an incident: ⌈share · window⌉, at least 1."""
-    return max(1, math.ceil(share * window - 1e-9))
-
-
-def incident_id(topic: str, src: Src, key: bytes | None) -> str:
-    """Deterministic from the input: the opening row's position and the key."""
-    h = hashlib.blake2b(digest_size=12)
-    h.update(f"{topic}\0{src[0]}\0{src[1]}\0{src[2]}\0".encode())
-    h.update(b"\0" if key is None else b"\1" + key)
-    return h.hexdigest()
 
 
 @dataclass(slots=True)
@@ -122,47 +81,21 @@ class _Cand:
         return int(self.off[k]), int(self.row[k])
 
 
-@dataclass(frozen=True, slots=True)
-class IncidentConfig:
-    topic: str  # the input topic (part of incident ids)
-    window: int = 20
-    open_share: float = 0.25
-    update_ms: int = 10_000
-    quiet_ms: int = 60_000
-    max_keys: int = 100_000
+class IncidentTracker(IncidentRule):
+    """The per-key rule, fed one batch at a time, with each partition's progress and
+    an undo journal of every batch not delivered yet."""
 
-    @property
-    def open_count(self) -> int:
-        return open_count(self.window, self.open_share)
-
-
-class IncidentTracker:
     def __init__(self, config: IncidentConfig):
-        self.config = config
-        self._full = (1 << config.window) - 1
-        self._open_count = config.open_count
-        # (partition, key) → state; dict order = least recently touched first (eviction)
-        self.states: dict[tuple[int, bytes | None], KeyState] = {}
+        super().__init__(config)
         self.applied: dict[int, int] = {}  # partition → next offset not yet applied
         self.stream_ms: dict[int, int] = {}  # partition → largest event time seen
-        self._due: dict[int, int] = {}  # partition → no key resolves before this stream time
-        self._deadlines = Deadlines()  # what expired, without a scan of every key
-        self._open_now: int | None = 0  # open incidents; None: count them again
         self._journals: list[_Journal] = []  # undelivered batches, oldest first
         self._queued: list = []  # re-announcements for the next batch
         self._journal: _Journal | None = None
-        self._out: Observed | None = None
         # (partition, key) → its state as packed at the end of the last batch that changed
         # it: a state changes only in `observe`, and every state a batch touched is packed
         # for the changelog at its end, so this is what the journal keeps of it.
         self._packed: dict[tuple[int, bytes | None], bytes] = {}
-
-    # -- gauges -------------------------------------------------------------------
-
-    def open_incidents(self) -> int:
-        if self._open_now is None:  # after a rollback, restore or dropped partitions
-            self._open_now = sum(1 for s in self.states.values() if s.incident is not None)
-        return self._open_now
 
     # -- one batch ----------------------------------------------------------------
 
@@ -310,226 +243,7 @@ class IncidentTracker:
             self._row(p, key, rows, int(c.idx[k]), pos, int(c.ts[k]), anomalous)
             k += 1
 
-    def _stretch(self, p: int, key, state: KeyState, last: tuple, ts: np.ndarray) -> None:
-        """What `_row` does to a key with state, row after row, for normal rows at
-        event times ts, the last one at position `last`, where no sweep acts."""
-        cfg = self.config
-        sk = (p, key)
-        self._touch(sk)
-        del self.states[sk]  # re-inserted below: most recently touched last
-        inc = state.incident
-        if inc is not None:
-            if inc.dirty:
-                hit = np.flatnonzero(ts >= inc.announced_ms + cfg.update_ms)
-                if len(hit):  # the row that sends the update
-                    q = int(hit[0])
-                    inc.records += q + 1
-                    inc.updated_ms = max(inc.updated_ms, int(ts[: q + 1].max()))
-                    self._announce(key, inc, "open")
-                    ts = ts[q + 1 :]
-            if len(ts):
-                inc.records += len(ts)
-                inc.updated_ms = max(inc.updated_ms, int(ts.max()))
-        else:
-            mask = state.mask
-            if state.closed is None:
-                # the row at which the window's last anomaly slides out forgets the key
-                gone = cfg.window - ((mask & -mask).bit_length() - 1) if mask else 1
-                if gone <= len(ts):
-                    if gone > 1:
-                        self._due[p] = min(
-                            self._due.get(p, 1 << 62), state.last_anomaly_ms + cfg.quiet_ms
-                        )
-                    self._changed(sk, None)
-                    return
-            state.mask = (mask << len(ts)) & self._full
-            del state.pending[: len(state.pending) - state.mask.bit_count()]
-        state.pos = last
-        self.states[sk] = state
-        self._placed(sk, state)
-        self._due[p] = min(self._due.get(p, 1 << 62), state.last_anomaly_ms + cfg.quiet_ms)
-        self._changed(sk, state)
-
-    def _row(self, p: int, key, rows: Rows, i: int, pos: tuple, ts: int, anomalous: bool) -> None:
-        cfg, states = self.config, self.states
-        sk = (p, key)
-        state = states.get(sk)
-        if state is None:
-            if not anomalous:
-                return
-            if len(states) >= cfg.max_keys:
-                self._evict_for_one()
-            self._touch(sk)
-            state = KeyState()
-        else:
-            if pos <= state.pos:
-                self._out.skipped += 1  # already in this key's state (see KeyState.pos)
-                return
-            self._touch(sk)
-            del states[sk]  # re-inserted below: most recently touched last
-        state.pos = pos
-        a = None
-        if anomalous:
-            a = Anomaly(
-                ts,
-                (p, pos[0], pos[1]),
-                float(rows.score[i]),
-                float(rows.p_value[i]),
-                rows.top(i),
-                rows.version,
-            )
-            state.last_anomaly_ms = max(state.last_anomaly_ms, ts)
-        inc = state.incident
-        if inc is not None:
-            inc.records += 1
-            inc.updated_ms = max(inc.updated_ms, ts)
-            if a is not None:
-                inc.anomalies += 1
-                inc.last = a.src
-                inc.last_anomaly_ms = state.last_anomaly_ms
-                if a.score > inc.strongest.score:
-                    inc.strongest = a
-                inc.dirty = True
-            if inc.dirty and ts - inc.announced_ms >= cfg.update_ms:
-                self._announce(key, inc, "open")
-        else:
-            state.mask = ((state.mask << 1) | (a is not None)) & self._full
-            if a is not None:
-                state.pending.append(a)
-            del state.pending[: len(state.pending) - state.mask.bit_count()]
-            if a is not None and len(state.pending) >= self._open_count:
-                state.incident = self._open(p, key, state, a)
-                state.mask, state.pending = 0, []
-            elif not state.pending and state.closed is None:
-                self._changed(sk, None)
-                return
-        states[sk] = state
-        quiet = state.last_anomaly_ms + cfg.quiet_ms  # the deadline, see _deadline
-        self._deadlines.placed(
-            sk, quiet if state.incident is not None or state.pending else quiet + cfg.quiet_ms
-        )
-        self._due[p] = min(self._due.get(p, 1 << 62), quiet)
-        self._out.changed.setdefault(p, {})[key] = state
-
-    def _open(self, p: int, key, state: KeyState, at: Anomaly) -> Incident:
-        pending = state.pending
-        inc = Incident(
-            id=incident_id(self.config.topic, at.src, key),
-            started_ms=min(a.ts for a in pending),
-            records=state.mask.bit_length(),
-            anomalies=len(pending),
-            strongest=max(pending, key=lambda a: a.score),
-            first=pending[0].src,
-            last=at.src,
-            last_anomaly_ms=state.last_anomaly_ms,
-            updated_ms=max(a.ts for a in pending),
-            announced_ms=at.ts,
-        )
-        self._out.opened += 1
-        self._opened(1)
-        self._announce(key, inc, "open")
-        return inc
-
-    def _deadline(self, s: KeyState) -> int:
-        """Stream time at which the key's state next expires."""
-        quiet = self.config.quiet_ms
-        if s.incident is not None or s.pending:
-            return s.last_anomaly_ms + quiet
-        return s.last_anomaly_ms + 2 * quiet  # only a closed incident's message is left
-
-    def _sweep(self, p: int, stream: int) -> None:
-        """Resolve (or forget) what expired on partition p: quiet long enough."""
-        if stream < self._due.get(p, -(1 << 62)):
-            return
-        for sk in self._deadlines.expired(p, stream, self.states, self._deadline):
-            self._expire(sk)
-        # a lower bound of every deadline on p until a rollback or restore
-        self._due[p] = self._deadlines.lower_bound(p)
-
-    def _opened(self, n: int) -> None:
-        if self._open_now is not None:
-            self._open_now += n
-
-    def _placed(self, sk, state: KeyState, moved: bool = True) -> None:
-        """sk holds `state` now (`moved`: at the end of the dict order)."""
-        self._deadlines.placed(sk, self._deadline(state), moved)
-
-    def _expire(self, sk) -> None:
-        self._touch(sk)
-        state = self.states.pop(sk)
-        if state.incident is not None:
-            self._out.resolved += 1
-            state.closed = self._announce(sk[1], state.incident, "resolved", "quiet").decode()
-            state.incident = None
-            self._opened(-1)
-        elif state.pending:
-            state.mask, state.pending = 0, []
-        else:
-            state.closed = None
-        if state.closed is None:
-            self._changed(sk, None)
-        else:
-            self.states[sk] = state
-            self._placed(sk, state)
-            self._changed(sk, state)
-
-    def _drop(self, sk, resolution: str) -> None:
-        self._touch(sk)
-        state = self.states.pop(sk)
-        if state.incident is not None:
-            self._out.resolved += 1
-            self._out.evicted += resolution == "evicted"
-            self._announce(sk[1], state.incident, "resolved", resolution)
-            self._opened(-1)
-        self._changed(sk, None)
-
-    def _evict_for_one(self) -> None:
-        while len(self.states) >= self.config.max_keys:
-            self._drop(next(iter(self.states)), "evicted")
-
-    # -- messages -----------------------------------------------------------------
-
-    def _announce(self, key, inc: Incident, status: str, resolution: str | None = None) -> bytes:
-        value = self._message(key, inc, status, resolution, inc.seq)
-        inc.seq += 1
-        inc.announced_ms = inc.updated_ms
-        inc.dirty = False
-        self._out.messages.append((key, value, [("schema", SCHEMA_HEADER)]))
-        return value
-
-    def _message(self, key, inc: Incident, status: str, resolution: str | None, seq: int) -> bytes:
-        x = inc.strongest
-        p = inc.first[0]
-        msg = {
-            "schema_version": SCHEMA_VERSION,
-            "kind": KIND,
-            "incident_id": inc.id,
-            "sequence": seq,
-            "key": None if key is None else key.decode("utf-8", "backslashreplace"),
-            "status": status,
-            "resolution": resolution,
-            "severity": severity(x.p),
-            "started_at_ms": inc.started_ms,
-            "updated_at_ms": inc.updated_ms,
-            "ended_at_ms": inc.last_anomaly_ms if status == "resolved" else None,
-            "records": inc.records,
-            "anomalies": inc.anomalies,
-            "max_score": x.score,
-            "max_score_p_value": x.p,
-            "top_features": [
-                {"name": n, "value": v, "expected": e, "contribution": c} for n, v, e, c in x.top
-            ],
-            "model": {"version": x.version},
-            "source": {
-                "topic": self.config.topic,
-                "partition": p,
-                "first_anomaly": _src(inc.first),
-                "last_anomaly": _src(inc.last),
-            },
-        }
-        return orjson.dumps(msg)
-
-    # -- journal and changes -------------------------------------------------------
+    # -- journal -------------------------------------------------------------------
 
     def _touch(self, sk) -> None:
         """Journal a key's state before this batch first changes it."""
@@ -545,9 +259,6 @@ class IncidentTracker:
             self._journal.marks[p] = (
                 (self.applied[p], self.stream_ms[p]) if p in self.applied else None
             )
-
-    def _changed(self, sk, state: KeyState | None) -> None:
-        self._out.changed.setdefault(sk[0], {})[sk[1]] = None if state is None else state
 
     def settled(self, batches: int = 1) -> None:
         """The oldest `batches` observed batches were delivered: forget their journals."""
@@ -616,7 +327,9 @@ class IncidentTracker:
                 continue
             if state.incident is not None:
                 inc = state.incident
-                value = self._message(key, inc, "open", None, max(0, inc.seq - 1))
+                value = incident_message(
+                    self.config.topic, key, inc, "open", None, max(0, inc.seq - 1)
+                )
                 self._queued.append((key, value, [("schema", SCHEMA_HEADER)]))
                 queued += 1
             if state.closed is not None:
@@ -628,10 +341,3 @@ class IncidentTracker:
             self.applied[p] = applied
             self.stream_ms[p] = stream_ms
         return queued
-
-
-def _src(src: Src) -> dict:
-    d = {"partition": src[0], "offset": src[1]}
-    if src[2] >= 0:
-        d["row"] = src[2]
-    return d

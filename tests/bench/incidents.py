@@ -18,20 +18,22 @@ batches after a warm-up, so that the tracker holds its steady-state keys. Scenar
   64 keys, 1.7 % anomalous vectors.
 
 Event time advances 20 000 records/s. --baseline-repo PATH times that checkout's
-worker/incidents.py on the same batches (before/after). Results:
+worker/incidents.py (and the worker/incident*.py modules it imports, where PATH has
+them) on the same batches (before/after). Results:
 tests/bench/results/incidents.json.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+import worker
 from tests.bench.common import machine, markdown_table, now_iso, write_results
 from worker.incidents import IncidentConfig, IncidentTracker, Rows
 
@@ -130,12 +132,22 @@ def measure(tracker_class, config_class, data: list[Rows], warmup: int) -> dict:
 
 
 def _baseline(repo: str):
-    """The tracker class of another checkout's worker/incidents.py."""
-    path = Path(repo).resolve() / "worker" / "incidents.py"
-    spec = importlib.util.spec_from_file_location("baseline_incidents", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+    """The tracker class of another checkout's worker/incidents.py, imported with the
+    worker/incident*.py modules it imports from that checkout where it has them (the
+    tracker spans several), else from this one."""
+    root = str(Path(repo).resolve() / "worker")
+    ours = {n: sys.modules.pop(n) for n in list(sys.modules) if n.startswith("worker.incident")}
+    worker.__path__.insert(0, root)
+    try:
+        module = importlib.import_module("worker.incidents")
+    finally:
+        worker.__path__.remove(root)
+        for n in [n for n in sys.modules if n.startswith("worker.incident")]:
+            sys.modules["baseline_" + n] = sys.modules.pop(n)
+            delattr(worker, n.split(".")[1])
+        for n, m in ours.items():
+            sys.modules[n] = m
+            setattr(worker, n.split(".")[1], m)
     return module.IncidentTracker, module.IncidentConfig
 
 

@@ -12,16 +12,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import orjson
 
-from worker.incident_records import Anomaly, Incident, KeyState, Observed, Rows
-from worker.incidents import (
+from worker.incident_messages import (
     KIND,
     SCHEMA_HEADER,
     SCHEMA_VERSION,
-    IncidentConfig,
     _src,
     incident_id,
     severity,
 )
+from worker.incident_records import Anomaly, Incident, KeyState, Observed, Rows
+from worker.incidents import IncidentConfig
 
 
 @dataclass(slots=True)

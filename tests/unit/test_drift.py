@@ -36,12 +36,12 @@ def published(model):
     return model.manifest.model_copy(update={"version": "20261130T100000000Z-abc123"})
 
 
-def synthetic_reference(n_cal: int = 2001, n_heldout: int = 1_000_000) -> Reference:
+def synthetic_reference(n_cal: int = 2001, n_calibration: int = 1_000_000) -> Reference:
     return Reference(
         version="v-synthetic",
         alpha=0.01,
         n_cal=n_cal,
-        n_heldout=n_heldout,
+        n_calibration=n_calibration,
         feature_names=tuple(FEATURES),
         center=np.zeros(DIM),
         scale=np.ones(DIM),
@@ -133,7 +133,7 @@ def test_a_real_models_p_values_on_fresh_normal_traffic_open_no_drift(model):
     assert 0.005 < scores.is_anomaly[~episode].mean() < 0.02  # calibrated for 1 %
     monitor = DriftMonitor(window=2000)
     monitor.model_changed(model.manifest)
-    assert monitor.reference.n_heldout == 4000
+    assert monitor.reference.n_calibration == 4000
     found, _ = feed(monitor, scores.p_values, rows)
     assert found == []
     state = monitor.topics["features"]
