@@ -10,7 +10,16 @@ class MicroBatcher:
     """Accumulates polled records; pure logic, the clock is injectable for tests.
 
     A batch is due when it holds `max_size` records, or when the oldest record in it
-    has waited `max_wait_s` since it was received.
+    has waited `max_wait_s` since it could first have been received: since the loop
+    stopped listening before it came (`add(records, since)`), else since it was polled.
+
+    Why `since`: while the loop scores and sends a batch it does not poll, so the next
+    batch's records wait in the broker for that long before they reach the batcher.
+    Counting their wait from the poll that brought them would add the whole scoring
+    time to the deadline (a batch every deadline + scoring time, and records waiting
+    both); counting it from when the loop stopped listening starts a batch every
+    deadline at moderate load, as a trigger interval does, and a record waits at most
+    one deadline for its batch to start.
     """
 
     def __init__(
@@ -32,9 +41,12 @@ class MicroBatcher:
     def room(self) -> int:
         return max(0, self.max_size - len(self._records))
 
-    def add(self, records: list) -> None:
+    def add(self, records: list, since: float | None = None) -> None:
+        """Take polled records; `since`: when the loop last stopped listening before
+        they came (no later than now), which starts the wait of an empty batcher."""
         if records and self._oldest is None:
-            self._oldest = self.clock()
+            now = self.clock()
+            self._oldest = now if since is None else min(since, now)
         self._records.extend(records)
 
     def due(self) -> bool:

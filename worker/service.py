@@ -140,6 +140,7 @@ class Worker:
         )
         self._open_clients = open_clients
         self._carried: list = []  # outputs a rewind handed back, for the next batch
+        self._last_poll_s: float | None = None  # when the last poll returned (batcher clock)
         self._stop = threading.Event()
         self._server: HealthServer | None = None
 
@@ -374,12 +375,15 @@ class Worker:
             log.warning("poll_failed", error=str(e) or type(e).__name__, retry_in_s=POLL_RETRY_S)
             self._stop.wait(POLL_RETRY_S)
             return
+        # the loop was deaf from the previous poll's return until this poll: what this
+        # one brought could have been received since then (worker/batcher.py)
+        since, self._last_poll_s = self._last_poll_s, self.batcher.clock()
         silence = self._broker_silence()
         self.health.set_ready(silence is None, silence or "")
         if polled:
             self.bounds.arrived()
             for records in polled.values():
-                self.batcher.add(records)
+                self.batcher.add(records, since)
 
     def _broker_silence(self) -> str | None:
         consumer = self.clients.consumer if self.clients else None
