@@ -70,7 +70,7 @@ class Scored:
     episodes: dict
     partition: np.ndarray
     offset: np.ndarray
-    scores: list  # per batch: (start, end, BatchScores, version)
+    batches: list  # (first record, end, BatchScores, the Scorer that scored them)
     flagged: np.ndarray
     thresholds: dict
     fit_s: float
@@ -130,7 +130,7 @@ def track(s: Scored, config: IncidentConfig) -> dict[str, list[dict]]:
     """The incident messages the worker would publish, by incident id."""
     tracker = IncidentTracker(config)
     incidents: dict[str, list[dict]] = {}
-    for a, b, res, sc in s.scores:
+    for a, b, res, sc in s.batches:
         records = [
             SimpleNamespace(partition=int(p), offset=int(o), timestamp=int(t), key=k)
             for p, o, t, k in zip(
@@ -305,6 +305,15 @@ def main(argv: list[str] | None = None) -> int:
             rows,
         )
     )
+    for r, v in results["rules"].items():
+        m = v["summary"]
+        share, rate = m["exactly_one"] / max(1, m["episodes"]), m["pooled_false_per_10k"]
+        print(
+            f"rule {r}: exactly one {share:.1%} (goal ≥ {GOAL_EXACTLY_ONE:.0%}: "
+            f"{'met' if share >= GOAL_EXACTLY_ONE else 'not met'}), {rate:.2f} false incidents "
+            f"per 10 000 normal records (goal ≤ {GOAL_FALSE_PER_10K:g}: "
+            f"{'met' if rate <= GOAL_FALSE_PER_10K else 'not met'}), over the seeds pooled"
+        )
     for x in why:
         print(x)
     if not args.no_write:
