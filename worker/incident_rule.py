@@ -47,8 +47,8 @@ def open_count(window: int, share: float) -> int:
 @dataclass(frozen=True, slots=True)
 class IncidentConfig:
     topic: str  # the input topic (part of incident ids)
-    window: int = 20
-    open_share: float = 0.25
+    window: int = 35  # the defaults: WorkerSettings.incident_window, incident_open_share
+    open_share: float = 0.2
     update_ms: int = 10_000
     quiet_ms: int = 60_000
     max_keys: int = 100_000

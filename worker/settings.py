@@ -129,8 +129,11 @@ class WorkerSettings(BaseSettings):
     incident_topic: str = "incidents"
     # The per-key state's changelog (compacted, ≥ the input's partitions); "none": in memory only.
     incident_state_topic: str = "incidents.state"
-    incident_window: int = Field(default=20, ge=1, le=1024)  # rows of a key
-    incident_open_share: float = Field(default=0.25, gt=0, le=1)
+    # Defaults: 7 anomalous rows of a key's last 35 open an incident. Normal rows' false
+    # positives come in bursts (scores are correlated in time), which a shorter window
+    # reads as an episode (docs/contract.md#incidents, tests/bench/episodes.py).
+    incident_window: int = Field(default=35, ge=1, le=1024)  # rows of a key
+    incident_open_share: float = Field(default=0.2, gt=0, le=1)
     incident_update_ms: int = Field(default=10_000, ge=0)  # event time
     incident_quiet_ms: int = Field(default=60_000, ge=1)  # event time
     incident_max_keys: int = Field(default=100_000, ge=1)

@@ -80,8 +80,9 @@ def test_demo_scores_every_record_reloads_closes_the_drift_loop_and_reports(tmp_
     assert (out / "timeline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Traceback" not in r.stdout + r.stderr
     assert "precision / recall / F1" in r.stdout
-    # incidents per machine: the first act has 7 multi-record episodes on 4 keys and
-    # measures 6 of them detected, each by one incident, and 1 false incident (knn default)
+    # incidents per machine: offline, this first act (python -m tests.bench.episodes's
+    # score_stream(0, records=8000)) has 11 multi-record episodes on 4 keys, 8 detected,
+    # each by one incident, and no false incident at the defaults (7 of 35 rows)
     incidents = summary["incidents_before_shift"]
     assert incidents["detected"] >= 1 and incidents["false_incidents"] <= 2, incidents
     assert "⚑ incident OPEN" in r.stdout and "⚑ incident RESOLVED" in r.stdout
