@@ -111,9 +111,10 @@ class Manifest(BaseModel):
     neighbours: int | None = Field(default=None, gt=0)
     threshold: float
     target_fpr: float = Field(gt=0, lt=1)
-    # Sorted scores of held-out normal rows: p-values up to the tail's t.
+    # Sorted scores of the calibration rows (normal rows scored as new ones would be:
+    # every normal row for knn, the held-out ones for mae/mse): p-values up to the tail's t.
     calibration: list[float] = Field(min_length=1)
-    # How the threshold was obtained, and the GPD tail of the held-out scores (p-values
+    # How the threshold was obtained, and the GPD tail of the calibration scores (p-values
     # beyond its t). Manifests written before tails existed have neither.
     threshold_method: ThresholdMethod = "empirical"
     tail: TailFit | None = None
