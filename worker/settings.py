@@ -7,6 +7,7 @@ start with one line naming the variable, the value and what is allowed
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -77,6 +78,19 @@ def settings_error_line(exc: ValidationError, env_prefix: str) -> str:
 
 Delivery = Literal["at-least-once", "exactly-once"]
 Emit = Literal["anomalies", "all"]
+
+
+_TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
+
+
+def _topic_name(v: str) -> str:
+    """A legal Kafka topic name (as the broker and kafka-python check it), or ValueError
+    at start-up rather than a traceback at the first send."""
+    if not _TOPIC_NAME.fullmatch(v) or v in (".", ".."):
+        raise ValueError(
+            f"{v!r} is not a Kafka topic name: 1-249 of ASCII letters, digits, '.', '_', '-'"
+        )
+    return v
 
 
 class WorkerSettings(BaseSettings):
@@ -164,7 +178,17 @@ class WorkerSettings(BaseSettings):
     def _incident_topic(cls, v: str) -> str:
         if not v.strip():
             raise ValueError("a topic name, or none")
-        return v.strip()
+        return _topic_name(v.strip())
+
+    @field_validator("input_topic", "output_topic", "dlq_topic", "incident_state_topic")
+    @classmethod
+    def _topics(cls, v: str) -> str:
+        return _topic_name(v)
+
+    @field_validator("model_topic")
+    @classmethod
+    def _model_topic(cls, v: str) -> str:
+        return _topic_name(v) if v else v  # empty: checkpoints from the directory
 
     @field_validator("drift_resolve_level")
     @classmethod

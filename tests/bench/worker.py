@@ -415,7 +415,7 @@ def _run(args: argparse.Namespace, broker: EmbeddedBroker, tmp: Path) -> dict:
                 n = min(n, args.naive_records)
             elif kind.endswith("emit=all"):
                 n = min(n, args.emit_all_records)
-            slug = kind.replace(", ", "-").replace("=", "-").replace(" ", "-")
+            slug = kind.replace(", ", "-").replace("=", "-").replace(" ", "-").replace("+", "-")
             group, out = f"{enc}-{slug}", f"{enc}-{slug}-events"
             create([out, f"{group}-incidents"])
             admin.create_topics([NewTopic(f"{group}-incidents-state", PARTITIONS.get(topic, 1), 1)])

@@ -1,0 +1,41 @@
+"""Worker settings that Kafka would refuse are refused at start-up, in one line."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from worker.settings import WorkerSettings, settings_error_line
+
+TOPIC_SETTINGS = [
+    "WORKER_INPUT_TOPIC",
+    "WORKER_OUTPUT_TOPIC",
+    "WORKER_DLQ_TOPIC",
+    "WORKER_INCIDENT_TOPIC",
+    "WORKER_INCIDENT_STATE_TOPIC",
+    "WORKER_MODEL_TOPIC",
+]
+
+
+@pytest.mark.parametrize("var", TOPIC_SETTINGS)
+@pytest.mark.parametrize("name", ["json-worker+env-events", "a b", "é", "x" * 250, ".", ".."])
+def test_an_illegal_topic_name_is_one_clear_error(monkeypatch, var, name):
+    monkeypatch.setenv(var, name)
+    with pytest.raises(ValidationError) as err:
+        WorkerSettings()
+    line = settings_error_line(err.value, "WORKER_")
+    assert line.startswith(f"invalid setting {var}=") and "is not a Kafka topic name" in line
+
+
+@pytest.mark.parametrize("var", TOPIC_SETTINGS)
+def test_legal_topic_names_pass(monkeypatch, var):
+    monkeypatch.setenv(var, "Sensors_v2.features-" + "x" * 200)
+    assert getattr(WorkerSettings(), var.removeprefix("WORKER_").lower()).startswith("Sensors_v2")
+
+
+def test_the_off_switches_stay_valid(monkeypatch):
+    monkeypatch.setenv("WORKER_INCIDENT_TOPIC", "none")
+    monkeypatch.setenv("WORKER_INCIDENT_STATE_TOPIC", "none")
+    monkeypatch.setenv("WORKER_MODEL_TOPIC", "")
+    s = WorkerSettings()
+    assert not s.incidents_on and not s.incident_state_on and s.model_topic == ""
