@@ -196,31 +196,35 @@ def _group_lines(results: dict) -> list[str]:
             out.append(
                 f"| {label} | {m} | {mean['roc_auc']:.3f} | {d_roc} | {mean['pr_auc']:.3f} | {d_pr} |"
             )
-    # the contraction shows in the reconstruction score: compare it with λ = 0 there
-    # when both are in the run, else the default with "ae"
-    cae, ae = ("cae:mae", "ae:mae") if {"cae:mae", "ae:mae"} <= set(methods) else (default, "ae")
-    default = cae
-    if default in methods and ae in methods:
-        sig_cols = " | ".join(f"ΔAUC lost σ={s}: {default} − {ae}" for s in sigmas)
+    # the contraction shows in the reconstruction score: compare it with λ = 0 there —
+    # every CAE variant of the run scored the same way (cae:mae, cae@L:mae, cae_auto:mae,
+    # a λ sweep) — when ae:mae is in the run, else the default with "ae"
+    if "ae:mae" in methods:
+        ae, caes = "ae:mae", [m for m in methods if m.startswith("cae") and m.endswith(":mae")]
+    else:
+        ae, caes = "ae", [default] if default in methods else []
+    if caes and ae in methods:
+        sig_cols = " | ".join(f"ROC-AUC lost σ={s}, − {ae}" for s in sigmas)
         out += [
             "",
-            f"### Does the contraction earn its keep? {default} (λ > 0) − {ae} (λ = 0), paired",
+            f"### Does the contraction earn its keep? λ > 0 − {ae} (λ = 0), paired",
             "",
             "Clean ROC-AUC difference (positive: the contraction helps), then the difference "
             "in ROC-AUC lost under input noise of σ training standard deviations (negative: "
             "the contraction loses less); mean ± standard error over seeds.",
             "",
-            f"| group | ROC-AUC {default} − {ae} | {sig_cols} |",
-            "|---|---|" + "---|" * len(sigmas),
+            f"| group | method | ROC-AUC − {ae} | {sig_cols} |",
+            "|---|---|---|" + "---|" * len(sigmas),
         ]
         for g, e in groups.items():
-            d = group_paired_difference(results["runs"], e["datasets"], default, ae, "roc_auc")
-            drops = [
-                group_paired_difference(results["runs"], e["datasets"], default, ae, f"drop:{s}")
-                for s in sigmas
-            ]
-            cells = " | ".join(f"{x['mean']:+.4f} ± {x['se']:.4f}" for x in drops)
-            out.append(f"| {g} | {d['mean']:+.4f} ± {d['se']:.4f} | {cells} |")
+            for cae in caes:
+                d = group_paired_difference(results["runs"], e["datasets"], cae, ae, "roc_auc")
+                drops = [
+                    group_paired_difference(results["runs"], e["datasets"], cae, ae, f"drop:{s}")
+                    for s in sigmas
+                ]
+                cells = " | ".join(f"{x['mean']:+.4f} ± {x['se']:.4f}" for x in drops)
+                out.append(f"| {g} | {cae} | {d['mean']:+.4f} ± {d['se']:.4f} | {cells} |")
     return out + [""]
 
 

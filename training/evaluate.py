@@ -62,7 +62,7 @@ from training.tail import supported_target
 
 DATASETS = tuple(name for names in eval_datasets.GROUPS.values() for name in names)
 # "cae" is the product's default (the knn score since issue 11); "cae:mae" and "ae:mae"
-# are the autoencoder's reconstruction score with λ = 0.1 and λ = 0, where the
+# are the autoencoder's reconstruction score with the default λ and λ = 0, where the
 # contraction can show (the knn score does not use the autoencoder)
 METHODS = ("cae", "cae:mae", "ae:mae", "iforest", "knn", "pca")
 DEFAULT_METHOD = "cae"

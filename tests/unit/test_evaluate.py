@@ -9,7 +9,12 @@ import numpy as np
 import pytest
 
 from training import autotune, eval_datasets
-from training.eval_report import group_paired_difference, paired_differences
+from training.eval_report import (
+    _group_lines,
+    group_paired_difference,
+    paired_differences,
+    summarise,
+)
 from training.evaluate import run_evaluation, split_inliers, write_outputs
 from training.fit import TrainConfig
 
@@ -121,6 +126,42 @@ def test_group_difference_pairs_by_seed_across_data_sets():
     # the same shift under noise for both: nothing lost relative to the other
     drop = group_paired_difference(runs, ["d1", "d2"], "cae", "knn", "drop:0.1")
     assert drop["mean"] == pytest.approx(0.0)
+
+
+def test_contraction_table_has_a_row_per_penalty_weight_of_a_sweep():
+    # a λ sweep: every CAE variant scored like ae:mae gets its own row against it
+    # (seed 0 / 1 of one data set; noisy = clean − drop)
+    values = {  # method: ((roc, drop at 0.1) for seed 0, for seed 1)
+        "ae:mae": ((0.80, 0.04), (0.70, 0.06)),
+        "cae@0.1:mae": ((0.82, 0.03), (0.74, 0.05)),
+        "cae@1:mae": ((0.78, 0.01), (0.68, 0.02)),
+        "knn": ((0.99, 0.0), (0.99, 0.0)),
+    }
+    runs = [
+        {
+            "dataset": "wine",
+            "seed": s,
+            "method": m,
+            "roc_auc": roc,
+            "pr_auc": 0.5,
+            "fit_s": 0.0,
+            "noisy_roc_auc": {"0.1": roc - drop},
+        }
+        for m, per_seed in values.items()
+        for s, (roc, drop) in enumerate(per_seed)
+    ]
+    methods = list(values)
+    groups = {"tuning": ["wine"]}
+    summary = summarise(runs, methods, ["wine"], [0.1], groups, "cae")
+    meta = {"methods": methods, "noise_sigmas": [0.1], "default_method": "cae", "seeds": [0, 1]}
+    lines = _group_lines({"meta": meta, "summary": summary, "runs": runs})
+    rows = [line for line in lines if line.startswith("| tuning | cae")]
+    # differences per seed: +0.02, +0.04 (SE 0.01) and -0.02, -0.02 (SE 0);
+    # lost under noise: -0.01, -0.01 and -0.03, -0.04 (SE 0.005)
+    assert rows == [
+        "| tuning | cae@0.1:mae | +0.0300 ± 0.0100 | -0.0100 ± 0.0000 |",
+        "| tuning | cae@1:mae | -0.0200 ± 0.0000 | -0.0350 ± 0.0050 |",
+    ]
 
 
 def _normal_rows(n: int, seed: int) -> np.ndarray:
