@@ -10,8 +10,9 @@ from the others. Injected anomalies, each an episode over one sensor:
 * drift — a growing offset;
 * stuck — the sensor repeats one value while the others move.
 
-A row is labelled anomalous where the reading is off the truth by more than three
-times the sensor's measurement noise (less is indistinguishable from noise).
+A row is labelled anomalous where the reading is off the truth by more than one
+standard deviation of the sensor's reading (its whole spread, `sigma`, not only its
+measurement noise): less is within what the sensor does normally.
 
 `load_shift` and `setpoints` move the plant to another operating point (the demo's
 drift act): the load factor's mean, in its standard deviations, and sensors' set-points,
@@ -92,7 +93,8 @@ class SensorStream:
         """(rows, labels 0/1, kind per row ('' when normal), episodes).
 
         A row is labelled anomalous where its reading is off the truth by more than
-        3 × the sensor's noise (a stuck sensor that happens to read right is not).
+        1 × the sensor's standard deviation (a stuck sensor that happens to read close
+        to right is not).
         """
         x = self.normal(n)
         truth = x.copy()
