@@ -159,6 +159,11 @@ def _gpu_rows() -> list[dict]:
     ]
 
 
+def _met(met) -> str:
+    """A row's "met": a bool, or already "yes"/"NO" (the generic rows)."""
+    return met if isinstance(met, str) else {True: "yes", False: "NO"}.get(met, "")
+
+
 def summary_table(rows: list[dict]) -> str:
     return markdown_table(
         ["figure", "value", "goal", "met", "measured side by side"],
@@ -167,7 +172,7 @@ def summary_table(rows: list[dict]) -> str:
                 r["figure"],
                 r["value"],
                 r["goal"],
-                {True: "yes", False: "NO"}.get(r["met"], ""),
+                _met(r["met"]),
                 r["detail"],
             ]
             for r in rows
