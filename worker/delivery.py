@@ -157,8 +157,9 @@ class ExactlyOnce:
         self._batches: list[tuple[BatchOutcome, float]] = []  # in the open transaction
         self._futures: list = []
         self._committing = None  # the end of the transaction in flight: its result, to wait on
-        # scored while the commit is in flight; sent in the next transaction once it ended
-        self._waiting: list[tuple[BatchOutcome, float]] = []
+        # scored while the commit is in flight (when, by perf_counter and by self.clock);
+        # sent in the next transaction once it ended, whose interval starts at the first
+        self._waiting: list[tuple[BatchOutcome, float, float]] = []
         self._committed: list[Finished] = []  # committed, not yet reported by settle
 
     def producer_options(self) -> dict:
@@ -168,7 +169,7 @@ class ExactlyOnce:
         producer.init_transactions()
 
     def in_flight(self) -> int:
-        return sum(len(o.records) for o, _ in self._batches + self._waiting)
+        return sum(len(b[0].records) for b in self._batches + self._waiting)
 
     def due_in_s(self) -> float | None:
         if self._committing is not None or self._committed:
@@ -179,20 +180,26 @@ class ExactlyOnce:
 
     def submit(self, outcome: BatchOutcome, producer, consumer) -> None:
         if self._committing is not None:  # nothing of it is sent before the commit ended
-            self._waiting.append((outcome, time.perf_counter()))
+            self._waiting.append((outcome, time.perf_counter(), self.clock()))
         else:
             self._send(producer, outcome, time.perf_counter())
 
-    def _send(self, producer, outcome: BatchOutcome, submitted_at: float) -> None:
+    def _send(
+        self, producer, outcome: BatchOutcome, submitted_at: float, scored_at: float | None = None
+    ) -> None:
+        """Send a batch in the open transaction (begun here if none is). The interval of a
+        transaction starts when its first batch was scored: a batch that waited for the
+        previous commit has waited that long already, and its records with it."""
         if not self._open:
             producer.begin_transaction()  # local: no request until the first send
-            self._open, self._opened_at = True, self.clock()
+            now = self.clock()
+            self._open, self._opened_at = True, now if scored_at is None else min(scored_at, now)
         self._futures += _send(producer, outcome, self.topics)
         self._batches.append((outcome, submitted_at))
 
     def _room(self) -> bool:
         """Room to score one more batch while the commit is in flight."""
-        waiting = sum(len(o.records) for o, _ in self._waiting)
+        waiting = sum(len(w[0].records) for w in self._waiting)
         return waiting + self.batch_size <= self.max_records
 
     def settle(self, producer, consumer, wait: Wait = "none") -> Settled:
@@ -239,9 +246,9 @@ class ExactlyOnce:
 
     def _send_waiting(self, producer) -> None:
         waiting, self._waiting = self._waiting, []
-        for i, (outcome, submitted_at) in enumerate(waiting):
+        for i, (outcome, submitted_at, scored_at) in enumerate(waiting):
             try:
-                self._send(producer, outcome, submitted_at)
+                self._send(producer, outcome, submitted_at, scored_at)
             except KafkaError:
                 self._waiting = waiting[i:]  # unsent (the failed one too): for abandon
                 raise
@@ -281,7 +288,7 @@ class ExactlyOnce:
         if self._committing is not None:  # committed records must not be read again
             self._committed += self._end_commit(producer).finished
         self._abort(producer)
-        abandoned = Abandoned.of([o for o, _ in self._batches + self._waiting])
+        abandoned = Abandoned.of([b[0] for b in self._batches + self._waiting])
         self._batches, self._futures, self._waiting = [], [], []
         return abandoned
 

@@ -372,6 +372,22 @@ def test_the_loop_goes_on_while_the_offsets_and_the_commit_are_in_flight():
     assert d.due_in_s() == pytest.approx(0.1)
 
 
+def test_a_transaction_s_interval_starts_when_its_first_batch_was_scored():
+    """A batch that waited for the previous commit has waited that long: the next
+    transaction is due one interval after it was scored, not after the commit ended."""
+    clock, producer, consumer = Clock(), AsyncTxProducer(), GroupConsumer()
+    d = started_commit(clock, producer, consumer)
+    d.submit(with_outputs(batch({0: range(5, 9)}), 1), producer, consumer)  # waits
+    clock.t += 0.06  # the commit takes 60 ms
+    producer.result.end()
+    assert len(d.settle(producer, consumer).finished) == 1
+    assert producer.calls[-2:] == ["commit ended", "begin"]
+    assert d.due_in_s() == pytest.approx(0.04)
+    clock.t += 0.04
+    d.settle(producer, consumer)
+    assert producer.calls[-2:] == [f"offsets queued { {TP0: 9} }", "commit started"]
+
+
 def test_batches_scored_during_the_commit_wait_for_it_once_they_fill_a_transaction():
     clock, producer, consumer = Clock(), AsyncTxProducer(), GroupConsumer()
     d = started_commit(clock, producer, consumer)  # at most 4 × 10 records
