@@ -33,7 +33,8 @@ and 5 ms each way (--delay-ms), the worker in both delivery modes against the
 pipelined passthrough as the ceiling, over a float32 topic on a broker of its own;
 per delay and mode the end-to-end latency at half the WORKER_EMIT=all capacity and
 what the loop adds over the passthrough's latency at the same rate (bound: one
-WORKER_MAX_BATCH_WAIT_MS plus one round trip); at 0 ms the passthrough without the
+WORKER_MAX_BATCH_WAIT_MS plus one round trip; under exactly-once plus the commit
+interval and the transaction end's two round trips); at 0 ms the passthrough without the
 proxy, to show that the proxy is not the bottleneck.
 --delay-only runs just that part (trains its own model); --baseline-repo PATH adds
 `python -m worker` from another checkout to it.
@@ -728,7 +729,7 @@ def render_delayed(results: dict) -> str:
         head += [
             "loop adds, p50 ms",
             "p99 ms",
-            "bound ms (batch wait + round trip [+ commit interval])",
+            "bound ms (batch wait + round trip [+ commit interval + 2 round trips])",
         ]
         out += "\n\n" + markdown_table(head, lat)
     return out
