@@ -66,7 +66,7 @@ def _ratios(name: str, returned) -> list[dict]:
             goal = f"≤ {goal}"  # met although below the goal: lower is better
         elif isinstance(goal, int | float):
             goal = f"≥ {goal}"
-        rows.append([name, r.get("name", ""), value, goal, {True: "yes", False: "NO"}.get(met, "")])
+        rows.append([name, r.get("name", ""), value, goal, met])
     return rows
 
 
@@ -159,11 +159,6 @@ def _gpu_rows() -> list[dict]:
     ]
 
 
-def _met(met) -> str:
-    """A row's "met": a bool, or already "yes"/"NO" (the generic rows)."""
-    return met if isinstance(met, str) else {True: "yes", False: "NO"}.get(met, "")
-
-
 def summary_table(rows: list[dict]) -> str:
     return markdown_table(
         ["figure", "value", "goal", "met", "measured side by side"],
@@ -172,7 +167,7 @@ def summary_table(rows: list[dict]) -> str:
                 r["figure"],
                 r["value"],
                 r["goal"],
-                _met(r["met"]),
+                {True: "yes", False: "NO"}.get(r["met"], ""),
                 r["detail"],
             ]
             for r in rows
