@@ -7,10 +7,10 @@ start with one line naming the variable, the value and what is allowed
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any, Literal
 
+from kafka.util import ensure_valid_topic_name
 from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -80,16 +80,15 @@ Delivery = Literal["at-least-once", "exactly-once"]
 Emit = Literal["anomalies", "all"]
 
 
-_TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
-
-
 def _topic_name(v: str) -> str:
-    """A legal Kafka topic name (as the broker and kafka-python check it), or ValueError
-    at start-up rather than a traceback at the first send."""
-    if not _TOPIC_NAME.fullmatch(v) or v in (".", ".."):
+    """A legal Kafka topic name, by kafka-python's own check (the one a send would fail
+    on), or ValueError at start-up rather than a traceback at the first send."""
+    try:
+        ensure_valid_topic_name(v)
+    except ValueError:
         raise ValueError(
             f"{v!r} is not a Kafka topic name: 1-249 of ASCII letters, digits, '.', '_', '-'"
-        )
+        ) from None
     return v
 
 
