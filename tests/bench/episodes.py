@@ -232,6 +232,7 @@ def summary(per_seed: list[dict]) -> dict:
     out["pooled_false_per_10k"] = out["false_incidents"] / (out["normal_rows"] / 10_000)
     out["episodes"] = int(sum(f["episodes"] for f in per_seed))
     out["exactly_one"] = int(sum(f["exactly_one"] for f in per_seed))
+    out["pooled_exactly_one_share"] = out["exactly_one"] / max(1, out["episodes"])
     return out
 
 
@@ -241,7 +242,7 @@ def goal_rows(rules: dict, seeds: list[int]) -> list[dict]:
     where = f"seeds {seeds[0]}–{seeds[-1]}, rule {{}}"
     for r, v in rules.items():
         m = v["summary"]
-        share, rate = m["exactly_one"] / max(1, m["episodes"]), m["pooled_false_per_10k"]
+        share, rate = m["pooled_exactly_one_share"], m["pooled_false_per_10k"]
         rows.append(
             {
                 "name": f"episodes opening exactly one incident ({where.format(r)})",
@@ -335,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     for r, v in results["rules"].items():
         m = v["summary"]
-        share, rate = m["exactly_one"] / max(1, m["episodes"]), m["pooled_false_per_10k"]
+        share, rate = m["pooled_exactly_one_share"], m["pooled_false_per_10k"]
         print(
             f"rule {r}: exactly one {share:.1%} (goal ≥ {GOAL_EXACTLY_ONE:.0%}: "
             f"{'met' if share >= GOAL_EXACTLY_ONE else 'not met'}), {rate:.2f} false incidents "
