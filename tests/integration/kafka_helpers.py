@@ -207,18 +207,19 @@ def worker_env(bootstrap: str, topics: dict, model_dir: Path, **extra) -> dict:
     return env
 
 
-def start_worker(env: dict, log_path: Path) -> subprocess.Popen:
-    log = open(log_path, "ab")  # noqa: SIM115 - the child owns it
+def _spawn(args: list[str], env: dict, log_path: Path, mode: str) -> subprocess.Popen:
+    """`python ARGS` from the repository root, stdout and stderr to log_path."""
+    log = open(log_path, mode)  # noqa: SIM115 - the child owns it
     try:
         return subprocess.Popen(
-            [sys.executable, "-m", "worker"],
-            env=env,
-            cwd=ROOT,
-            stdout=log,
-            stderr=subprocess.STDOUT,
+            [sys.executable, *args], env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
         )
     finally:
         log.close()
+
+
+def start_worker(env: dict, log_path: Path) -> subprocess.Popen:
+    return _spawn(["-m", "worker"], env, log_path, "ab")
 
 
 def start_trainer(bootstrap: str, input_topic: str, flags: list[str], log_path: Path):
@@ -226,17 +227,7 @@ def start_trainer(bootstrap: str, input_topic: str, flags: list[str], log_path: 
     on `bootstrap`; no TRAINER_*/KAFKA_* setting leaks in from the environment."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TRAINER_", "KAFKA_"))}
     env.update(KAFKA_BOOTSTRAP_SERVERS=bootstrap, TRAINER_INPUT_TOPIC=input_topic)
-    log = open(log_path, "wb")  # noqa: SIM115 - the child owns it
-    try:
-        return subprocess.Popen(
-            [sys.executable, "-m", "training", "--from-kafka", *flags],
-            env=env,
-            cwd=ROOT,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    finally:
-        log.close()
+    return _spawn(["-m", "training", "--from-kafka", *flags], env, log_path, "wb")
 
 
 def copy_model_dir(src: Path, dst: Path) -> Path:
