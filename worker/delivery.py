@@ -169,7 +169,7 @@ class ExactlyOnce:
         producer.init_transactions()
 
     def in_flight(self) -> int:
-        return sum(len(b[0].records) for b in self._batches + self._waiting)
+        return sum(len(o.records) for o, *_ in self._batches + self._waiting)
 
     def due_in_s(self) -> float | None:
         if self._committing is not None or self._committed:
@@ -199,7 +199,7 @@ class ExactlyOnce:
 
     def _room(self) -> bool:
         """Room to score one more batch while the commit is in flight."""
-        waiting = sum(len(w[0].records) for w in self._waiting)
+        waiting = sum(len(o.records) for o, *_ in self._waiting)
         return waiting + self.batch_size <= self.max_records
 
     def settle(self, producer, consumer, wait: Wait = "none") -> Settled:
@@ -288,7 +288,7 @@ class ExactlyOnce:
         if self._committing is not None:  # committed records must not be read again
             self._committed += self._end_commit(producer).finished
         self._abort(producer)
-        abandoned = Abandoned.of([b[0] for b in self._batches + self._waiting])
+        abandoned = Abandoned.of([o for o, *_ in self._batches + self._waiting])
         self._batches, self._futures, self._waiting = [], [], []
         return abandoned
 
