@@ -18,7 +18,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from training.config import PenaltyMode, ScalerKind, TrainConfig
 from worker.model_config import Activation, ScoreKind
-from worker.settings import KafkaSettings, settings_error_line
+from worker.settings import KafkaSettings, settings_error_line, topic_name
 
 ENV_PREFIX = "TRAINER_"
 PROG = "python -m training"
@@ -86,6 +86,21 @@ class TrainerSettings(BaseSettings):
     incident_topic: str = "none"
     drift_delay_seconds: float = Field(default=60.0, ge=0)
     drift_min_interval_seconds: float = Field(default=600.0, ge=0)
+
+    @field_validator("input_topic")
+    @classmethod
+    def _input_topic(cls, v: str) -> str:
+        return topic_name(v)
+
+    @field_validator("model_topic")
+    @classmethod
+    def _model_topic(cls, v: str) -> str:
+        return topic_name(v) if v else v  # empty: the directory only
+
+    @field_validator("incident_topic")
+    @classmethod
+    def _incident_topic(cls, v: str) -> str:
+        return v if v.strip().lower() == "none" else topic_name(v)
 
     @field_validator("hidden", mode="before")
     @classmethod

@@ -123,6 +123,9 @@ def _error_cases(tmp: Path, good: Path) -> dict[str, list[str]]:
         "invalid mode": ["--data", str(good), "--penalty-mode", "fastest"],
         "unknown flag": ["--data", str(good), "--learning-rate", "3"],
         "no data": [],
+        "bad input topic": ["--from-kafka", "--input-topic", "sensors+raw"],
+        "bad model topic": ["--data", str(good), "--model-topic", "models v2"],
+        "bad incident topic": ["--from-kafka", "--every-seconds", "60", "--incident-topic", "é"],
     }
 
 
@@ -142,6 +145,9 @@ def _error_cases(tmp: Path, good: Path) -> dict[str, list[str]]:
         "invalid mode",
         "unknown flag",
         "no data",
+        "bad input topic",
+        "bad model topic",
+        "bad incident topic",
     ],
 )
 def test_user_error_is_one_line_and_publishes_nothing(tmp_path, labelled_csv, capsys, case):
@@ -172,6 +178,10 @@ def test_error_messages_name_the_problem(tmp_path, labelled_csv, capsys):
         "rows support (too few of them to fit a tail; a threshold cannot be placed beyond "
         "the largest): the lowest is 0.00719",
         "out under a file": "--out",
+        "bad input topic": "invalid setting --input-topic (TRAINER_INPUT_TOPIC)='sensors+raw': "
+        "'sensors+raw' is not a Kafka topic name",
+        "bad model topic": "--model-topic (TRAINER_MODEL_TOPIC)='models v2'",
+        "bad incident topic": "--incident-topic (TRAINER_INCIDENT_TOPIC)='é'",
     }
     for case, fragment in expected.items():
         main([*FAST, *cases[case]])
