@@ -25,6 +25,25 @@ from worker.model import ContractiveAutoencoder
 from worker.scoring import Scorer, nearest_neighbours
 
 GOLDEN_ROWS = 8
+# A feature is continuous (its repeats are evidence of a stuck sensor) when its training
+# rows hold at least this share of distinct values ...
+CONTINUOUS_DISTINCT = 0.9
+# ... and a row repeats the row before it at most this often (docs/contract.md#stuck-features)
+CONTINUOUS_REPEATS = 0.001
+
+
+def continuous_features(x: np.ndarray) -> list[bool]:
+    """Per feature of the training rows [N, D] (in the order given): does it almost
+    never repeat a value? Counts, flags, set-points, quantised or slowly updated
+    readings repeat, so they are not; a stuck feature is only one of these that holds
+    its value (worker/repeats.py)."""
+    n = len(x)
+    distinct = np.asarray([len(np.unique(col)) for col in x.T]) / n
+    repeats = (x[1:] == x[:-1]).mean(axis=0) if n > 1 else np.zeros(x.shape[1])
+    return [
+        bool(d >= CONTINUOUS_DISTINCT and r <= CONTINUOUS_REPEATS)
+        for d, r in zip(distinct, repeats, strict=True)
+    ]
 
 
 def fit_scaler(x: np.ndarray, kind: str = "standard") -> Scaler:
@@ -157,6 +176,7 @@ def fit(
         target_fpr=config.target_fpr,
         calibration=[0.0],
         penalty_weight=weight,
+        continuous=continuous_features(x),
         neighbours=config.neighbours if knn else None,
         golden=Golden(inputs=[[0.0] * x.shape[1]], scores=[0.0]),
     )

@@ -119,6 +119,10 @@ class Manifest(BaseModel):
     threshold_method: ThresholdMethod = "empirical"
     tail: TailFit | None = None
     penalty_weight: float = Field(ge=0)
+    # Per feature: do its training values (almost) never repeat? Then a key's rows that
+    # hold one value for long are stuck (docs/contract.md#stuck-features). Manifests
+    # written before the check have none, and no feature is checked.
+    continuous: list[bool] | None = None
     metrics: dict[str, float | int | str | None] = Field(default_factory=dict)
     weights_sha256: str = ""
     golden: Golden
@@ -134,6 +138,8 @@ class Manifest(BaseModel):
             raise ValueError(f"feature_names must be {d} distinct names")
         if len(self.scaler.center) != d or len(self.scaler.scale) != d:
             raise ValueError(f"scaler must have {d} centers and scales")
+        if self.continuous is not None and len(self.continuous) != d:
+            raise ValueError(f"continuous must have {d} flags")
         if any(not math.isfinite(s) or s <= 0 for s in self.scaler.scale):
             raise ValueError("scaler scales must be finite and positive")
         if not math.isfinite(self.threshold):

@@ -59,6 +59,7 @@ def incident_message(
         "top_features": [
             {"name": n, "value": v, "expected": e, "contribution": c} for n, v, e, c in x.top
         ],
+        "stuck_features": inc.stuck,
         "model": {"version": x.version},
         "source": {
             "topic": topic,

@@ -29,13 +29,15 @@ class Anomaly:
     p: float
     top: Top
     version: str
+    stuck: tuple[str, ...] = ()  # its stuck features (worker/repeats.py), if any
 
     def pack(self) -> list:
-        return [self.ts, list(self.src), self.score, self.p, self.top, self.version]
+        v = [self.ts, list(self.src), self.score, self.p, self.top, self.version]
+        return v + [list(self.stuck)] if self.stuck else v
 
     @classmethod
     def unpack(cls, v: list) -> Anomaly:
-        return cls(v[0], tuple(v[1]), v[2], v[3], v[4], v[5])
+        return cls(v[0], tuple(v[1]), v[2], v[3], v[4], v[5], tuple(v[6]) if len(v) > 6 else ())
 
 
 @dataclass(slots=True)
@@ -52,9 +54,10 @@ class Incident:
     announced_ms: int  # event time of the last message sent
     seq: int = 0  # messages sent for this incident
     dirty: bool = False  # changed since the last message
+    stuck: list[str] = field(default_factory=list)  # features found stuck, in order
 
     def pack(self) -> dict:
-        return {
+        packed = {
             "id": self.id,
             "s": self.started_ms,
             "r": self.records,
@@ -68,6 +71,9 @@ class Incident:
             "q": self.seq,
             "d": self.dirty,
         }
+        if self.stuck:
+            packed["st"] = self.stuck
+        return packed
 
     @classmethod
     def unpack(cls, v: dict) -> Incident:
@@ -84,6 +90,7 @@ class Incident:
             v["an"],
             v["q"],
             v["d"],
+            v.get("st", []),
         )
 
 
@@ -140,15 +147,24 @@ class Rows:
     p_value: np.ndarray  # float [N]
     record: np.ndarray  # int64 [N] index into `keys`
     keys: list  # per record: bytes | None
-    top: Callable[[int], Top]  # explanation of anomalous row i
+    top: Callable[[int], Top]  # explanation of anomalous row i ([] if it has none)
     version: str
+    # for the stuck-feature check (worker/repeats.py): the rows [N, D] in input units,
+    # the model's continuous features and their names; the tracker fills `stuck`
+    values: np.ndarray | None = None
+    continuous: np.ndarray | None = None
+    feature_names: list[str] = field(default_factory=list)
+    stuck: dict[int, tuple[str, ...]] = field(default_factory=dict)  # row → stuck features
 
     def __len__(self) -> int:
         return len(self.partition)
 
 
-def rows_of(decoded, result, feature_names: list[str], version: str) -> Rows:
-    """The tracker's view of a scored batch (worker.codec.Decoded, worker.scoring.BatchScores)."""
+def rows_of(
+    decoded, result, feature_names: list[str], version: str, continuous: np.ndarray | None = None
+) -> Rows:
+    """The tracker's view of a scored batch (worker.codec.Decoded, worker.scoring.BatchScores);
+    `continuous`: the model's features that a stuck-feature check watches (None: none)."""
     records = decoded.records
     n = len(records)
     kafka_ts = np.fromiter(map(attrgetter("timestamp"), records), dtype=np.int64, count=n)
@@ -161,6 +177,8 @@ def rows_of(decoded, result, feature_names: list[str], version: str) -> Rows:
 
     def top(i: int) -> Top:
         w = int(np.searchsorted(explained, i))
+        if w == len(explained) or explained[w] != i:  # a stuck row the model found normal
+            return []
         return [
             [feature_names[f], float(decoded.rows[i, f]), float(e), float(c)]
             for f, e, c in zip(
@@ -183,6 +201,9 @@ def rows_of(decoded, result, feature_names: list[str], version: str) -> Rows:
         keys=list(map(attrgetter("key"), records)),
         top=top,
         version=version,
+        values=decoded.rows,
+        continuous=continuous,
+        feature_names=feature_names,
     )
 
 

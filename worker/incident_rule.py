@@ -52,10 +52,15 @@ class IncidentConfig:
     update_ms: int = 10_000
     quiet_ms: int = 60_000
     max_keys: int = 100_000
+    stuck_records: int = 5  # WorkerSettings.stuck_records; 0: no stuck-feature check
 
     @property
     def open_count(self) -> int:
         return open_count(self.window, self.open_share)
+
+
+def _add_stuck(inc: Incident, a: Anomaly) -> None:
+    inc.stuck.extend(f for f in a.stuck if f not in inc.stuck)
 
 
 class IncidentRule:
@@ -109,6 +114,7 @@ class IncidentRule:
                 float(rows.p_value[i]),
                 rows.top(i),
                 rows.version,
+                rows.stuck.get(i, ()),
             )
             state.last_anomaly_ms = max(state.last_anomaly_ms, ts)
         inc = state.incident
@@ -121,6 +127,7 @@ class IncidentRule:
                 inc.last_anomaly_ms = state.last_anomaly_ms
                 if a.score > inc.strongest.score:
                     inc.strongest = a
+                _add_stuck(inc, a)
                 inc.dirty = True
             if inc.dirty and ts - inc.announced_ms >= cfg.update_ms:
                 self._announce(key, inc, "open")
@@ -197,6 +204,8 @@ class IncidentRule:
             updated_ms=max(a.ts for a in pending),
             announced_ms=at.ts,
         )
+        for a in pending:
+            _add_stuck(inc, a)
         self._out.opened += 1
         self._opened(1)
         self._announce(key, inc, "open")

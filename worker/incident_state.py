@@ -85,6 +85,7 @@ def incident_tracker(settings: WorkerSettings) -> IncidentTracker | None:
             update_ms=settings.incident_update_ms,
             quiet_ms=settings.incident_quiet_ms,
             max_keys=settings.incident_max_keys,
+            stuck_records=settings.stuck_records,
         )
     )
 

@@ -21,7 +21,7 @@ The result is the per-row path's, message for message and byte for byte
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -38,6 +38,7 @@ from worker.incident_records import (  # re-exported: the tracker's API
     rows_of,
 )
 from worker.incident_rule import IncidentConfig, IncidentRule, open_count
+from worker.repeats import RepeatWatch
 
 __all__ = [
     "Anomaly",
@@ -96,6 +97,9 @@ class IncidentTracker(IncidentRule):
         # it: a state changes only in `observe`, and every state a batch touched is packed
         # for the changelog at its end, so this is what the journal keeps of it.
         self._packed: dict[tuple[int, bytes | None], bytes] = {}
+        # stuck features (worker/repeats.py): journalled batch for batch with the above
+        n = config.stuck_records
+        self.repeats = RepeatWatch(n, config.max_keys) if n else None
 
     # -- one batch ----------------------------------------------------------------
 
@@ -107,6 +111,8 @@ class IncidentTracker(IncidentRule):
         self._journals.append(self._journal)
         out.messages.extend(self._queued)
         self._queued = []
+        if self.repeats is not None:
+            rows = self._with_stuck(rows)
         if rows is not None and len(rows):
             self._apply(rows)
         for p in sorted(out.applied):
@@ -121,6 +127,22 @@ class IncidentTracker(IncidentRule):
         self._journal = self._out = None
         self._deadlines.prune(self.states)
         return out
+
+    def _with_stuck(self, rows: Rows | None) -> Rows | None:
+        """The rows, with those that hold a stuck feature counted as anomalous."""
+        watch = self.repeats
+        if rows is None or rows.continuous is None or not rows.continuous.any():
+            watch.observe_nothing()
+            return rows
+        mask = watch.observe(rows.partition, rows.keys, rows.record, rows.values, rows.continuous)
+        if mask is None:
+            return rows
+        hit = np.flatnonzero(mask.any(axis=1))
+        names = rows.feature_names
+        stuck = {int(i): tuple(names[f] for f in np.flatnonzero(mask[i])) for i in hit}
+        flags = rows.is_anomaly.copy()  # the batch's own flags go out as events
+        flags[hit] = True
+        return replace(rows, is_anomaly=flags, stuck=stuck)
 
     def _apply(self, rows: Rows) -> None:
         out = self._out
@@ -263,6 +285,8 @@ class IncidentTracker(IncidentRule):
     def settled(self, batches: int = 1) -> None:
         """The oldest `batches` observed batches were delivered: forget their journals."""
         del self._journals[:batches]
+        if self.repeats is not None:
+            self.repeats.settled(batches)
 
     def pending_batches(self) -> int:
         return len(self._journals)
@@ -284,6 +308,8 @@ class IncidentTracker(IncidentRule):
                 else:
                     self.applied[p], self.stream_ms[p] = mark
         self._journals.clear()
+        if self.repeats is not None:
+            self.repeats.rollback()
         self._deadlines.rebuild(self.states, self._deadline)
         self._open_now = None
 
@@ -300,6 +326,8 @@ class IncidentTracker(IncidentRule):
             del self.states[sk]
             self._packed.pop(sk, None)
         self._deadlines.drop(gone)
+        if self.repeats is not None:
+            self.repeats.drop_partitions(gone)
         self._open_now = None
         for p in gone:
             self._due.pop(p, None)

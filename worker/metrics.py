@@ -80,6 +80,9 @@ class WorkerMetrics:
             "cae_incident_keys", "Keys with incident state (held partitions)", registry=r
         )
         self.incidents_open = Gauge("cae_incidents_open", "Open incidents", registry=r)
+        self.stuck_keys = Gauge(
+            "cae_stuck_watch_keys", "Keys whose last row the stuck-feature check holds", registry=r
+        )
         self.incident_state_restored = Counter(
             "cae_incident_state_restored_records",
             "Changelog records read back on partition assignment",

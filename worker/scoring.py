@@ -218,6 +218,12 @@ class Scorer:
     def feature_names(self) -> list[str]:
         return self.manifest.feature_names
 
+    @property
+    def continuous(self) -> np.ndarray | None:
+        """The features a stuck-feature check watches (Manifest.continuous), or None."""
+        c = self.manifest.continuous
+        return None if c is None else np.asarray(c, dtype=bool)
+
     # -- the maths (on the device) ---------------------------------------------------
 
     def _errors(self, xd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

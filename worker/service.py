@@ -502,6 +502,8 @@ class Worker:
             self.incidents.settled()
             self.metrics.incident_keys.set(len(self.incidents.states))
             self.metrics.incidents_open.set(self.incidents.open_incidents())
+            if self.incidents.repeats is not None:
+                self.metrics.stuck_keys.set(len(self.incidents.repeats))
         if self.scorer.device.type == "cuda":
             self.metrics.set_gpu_memory(gpu_memory(self.scorer.device))
         log.debug(

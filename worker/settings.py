@@ -80,7 +80,7 @@ Delivery = Literal["at-least-once", "exactly-once"]
 Emit = Literal["anomalies", "all"]
 
 
-def _topic_name(v: str) -> str:
+def topic_name(v: str) -> str:
     """A legal Kafka topic name, by kafka-python's own check (the one a send would fail
     on), or ValueError at start-up rather than a traceback at the first send."""
     try:
@@ -150,6 +150,10 @@ class WorkerSettings(BaseSettings):
     incident_update_ms: int = Field(default=10_000, ge=0)  # event time
     incident_quiet_ms: int = Field(default=60_000, ge=1)  # event time
     incident_max_keys: int = Field(default=100_000, ge=1)
+    # A continuous feature (Manifest.continuous) that holds one value for this many
+    # records of a key in a row makes them anomalous rows of the key's incident
+    # (docs/contract.md#stuck-features); 0 turns the check off.
+    stuck_records: int = Field(default=5, ge=0, le=1_000_000)
 
     # Drift (docs/contract.md#drift): a sliding window of this many records per input
     # topic, tested every tenth of it; 0 turns the monitor off.
@@ -172,22 +176,29 @@ class WorkerSettings(BaseSettings):
             raise ValueError("0 (off) or at least 10 records")
         return v
 
+    @field_validator("stuck_records")
+    @classmethod
+    def _stuck_records(cls, v: int) -> int:
+        if v == 1:
+            raise ValueError("must be 0 (off) or at least 2: one record cannot repeat")
+        return v
+
     @field_validator("incident_topic")
     @classmethod
     def _incident_topic(cls, v: str) -> str:
         if not v.strip():
             raise ValueError("a topic name, or none")
-        return _topic_name(v.strip())
+        return topic_name(v.strip())
 
     @field_validator("input_topic", "output_topic", "dlq_topic", "incident_state_topic")
     @classmethod
     def _topics(cls, v: str) -> str:
-        return _topic_name(v)
+        return topic_name(v)
 
     @field_validator("model_topic")
     @classmethod
     def _model_topic(cls, v: str) -> str:
-        return _topic_name(v) if v else v  # empty: checkpoints from the directory
+        return topic_name(v) if v else v  # empty: checkpoints from the directory
 
     @field_validator("drift_resolve_level")
     @classmethod

@@ -73,7 +73,7 @@ def score_records(
         scored = Scored(decoded.rows, scores)
         if tracker is not None:
             tracked = tracker.observe(
-                rows_of(decoded, scores, scorer.feature_names, scorer.version)
+                rows_of(decoded, scores, scorer.feature_names, scorer.version, scorer.continuous)
             )
     elif tracker is not None:
         tracked = tracker.observe(None)  # journalled all the same: one per batch

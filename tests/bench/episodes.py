@@ -50,6 +50,7 @@ from deploy.sensor_stream import SENSORS, SensorStream
 from tests.bench.common import machine, markdown_table, now_iso, write_results
 from training.fit import fit
 from worker.incidents import IncidentConfig, IncidentTracker, rows_of
+from worker.repeats import RepeatWatch
 
 NAME = "episodes"
 RECORDS = 30_000  # the demo's first act (--records)
@@ -144,12 +145,35 @@ def track(s: Scored, config: IncidentConfig) -> dict[str, list[dict]]:
             records=records,
             timestamps=[int(t) for t in s.ts[a:b]],
         )
-        out = tracker.observe(rows_of(decoded, res, sc.feature_names, sc.version))
+        out = tracker.observe(rows_of(decoded, res, sc.feature_names, sc.version, sc.continuous))
         tracker.settled()
         for _key, value, _headers in out.messages:
             msg = orjson.loads(value)
             incidents.setdefault(msg["incident_id"], []).append(msg)
     return incidents
+
+
+def stuck_rows(s: Scored, records: int) -> dict:
+    """Rows the stuck-feature check flags (worker/repeats.py over the whole stream, each
+    key in order), inside and outside the stuck episodes' spans."""
+    watch = RepeatWatch(records, max_keys=100)
+    flagged = np.zeros(len(s.x), bool)
+    for a, b, _res, sc in s.batches:
+        rec = np.arange(b - a)
+        mask = watch.observe(s.partition[a:b], s.keys[a:b], rec, s.x[a:b], sc.continuous)
+        if mask is not None:
+            flagged[a:b] = mask.any(axis=1)
+    inside = np.zeros(len(s.x), bool)
+    for key, eps in s.episodes.items():
+        mine = np.asarray([k == key.encode() for k in s.keys])
+        j = (s.ts - T_START_MS) // SAMPLE_MS
+        for e in eps:
+            if e.kind == "stuck":
+                inside |= mine & (j >= e.start) & (j < e.start + e.length)
+    return {
+        "stuck_rows_in_stuck_episodes": int((flagged & inside).sum()),
+        "stuck_rows_elsewhere": int((flagged & ~inside).sum()),
+    }
 
 
 def figures(s: Scored, incidents: dict) -> dict:
@@ -276,6 +300,12 @@ def main(argv: list[str] | None = None) -> int:
         type=parse_rule,
         help="WINDOW:SHARE of an incident rule to evaluate (repeatable; default: the product's defaults)",
     )
+    p.add_argument(
+        "--stuck-records",
+        type=int,
+        default=IncidentConfig(topic="").stuck_records,
+        help="WORKER_STUCK_RECORDS (0: no stuck-feature check; default: the product's)",
+    )
     p.add_argument("--why", action="store_true", help="list each false incident")
     p.add_argument("--no-write", action="store_true", help="do not write the results file")
     p.add_argument("--name", default=NAME, help="results file: tests/bench/results/NAME.json")
@@ -288,14 +318,19 @@ def main(argv: list[str] | None = None) -> int:
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     results: dict = {"benchmark": NAME, "at": now_iso(), "machine": machine(), "seeds": seeds}
     results["train_rows"] = args.train_rows
+    results["stuck_records"] = args.stuck_records
     per_rule: dict[str, list[dict]] = {f"{w}:{sh:g}": [] for w, sh in rules}
     why: list[dict] = []
     for seed in seeds:
         s = score_stream(seed, args.train_rows)
         for w, sh in rules:
-            cfg = IncidentConfig(topic=TOPICS["input"], window=w, open_share=sh)
+            cfg = IncidentConfig(
+                topic=TOPICS["input"], window=w, open_share=sh, stuck_records=args.stuck_records
+            )
             inc = track(s, cfg)
             f = {"seed": seed, "open_count": cfg.open_count, **figures(s, inc)}
+            if args.stuck_records:
+                f.update(stuck_rows(s, args.stuck_records))
             per_rule[f"{w}:{sh:g}"].append(f)
             if args.why and (w, sh) == rules[0]:
                 why.extend(false_incidents(s, inc))
@@ -303,7 +338,13 @@ def main(argv: list[str] | None = None) -> int:
                 f"seed {seed:>4} rule {w}:{sh:g} (≥{cfg.open_count}): exactly one {f['exactly_one']}/{f['episodes']}"
                 f" ({f['exactly_one_share']:.0%}), detected {f['detected']}, false {f['false_incidents']}"
                 f" ({f['false_per_10k']:.2f}/10k), record FPR {f['record_fpr']:.2%},"
-                f" open median {f['time_to_open_median_s']} s (fit {s.fit_s:.0f} s CPU)",
+                f" open median {f['time_to_open_median_s']} s (fit {s.fit_s:.0f} s CPU)"
+                + (
+                    f", stuck rows {f['stuck_rows_in_stuck_episodes']} in stuck episodes,"
+                    f" {f['stuck_rows_elsewhere']} elsewhere"
+                    if args.stuck_records
+                    else ""
+                ),
                 flush=True,
             )
     results["rules"] = {r: {"per_seed": v, "summary": summary(v)} for r, v in per_rule.items()}

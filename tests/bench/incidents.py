@@ -17,6 +17,9 @@ batches after a warm-up, so that the tracker holds its steady-state keys. Scenar
 * rows: application/x-float32-rows, 256 vectors per record sharing the record's key,
   64 keys, 1.7 % anomalous vectors.
 
+Every row has 16 continuous features that never repeat, so the stuck-feature check
+(worker/repeats.py) runs on every batch as it does in the worker and finds nothing.
+
 Event time advances 20 000 records/s. --baseline-repo PATH times that checkout's
 worker/incidents.py (and the worker/incident*.py modules it imports, where PATH has
 them) on the same batches (before/after). Results:
@@ -41,6 +44,7 @@ NAME = "incidents"
 T0 = 1_764_253_000_000
 BATCH = 1024
 GOAL_US = 1.0  # per row at 1 % anomalies, most keys without state
+FEATURES = 16  # per row, all continuous (the stuck-feature check's work)
 
 SCENARIOS = {
     # name: keys, anomalous share, rows per record, hot key share, hot anomalous share
@@ -102,6 +106,11 @@ def batches(
                 keys=[names[k] for k in key_id.tolist()],
                 top=lambda i: [["f3", 7.5, 0.1, 0.6], ["f9", -6.2, 0.0, 0.3]],
                 version="v1",
+                # continuous readings that never repeat: the stuck-feature check runs
+                # (as on any model whose features are continuous) and finds nothing
+                values=rng.normal(size=(BATCH, FEATURES)).astype(np.float32),
+                continuous=np.ones(FEATURES, dtype=bool),
+                feature_names=[f"f{i}" for i in range(FEATURES)],
             )
         )
     return out

@@ -269,6 +269,7 @@ class ReferenceTracker:
             "top_features": [
                 {"name": n, "value": v, "expected": e, "contribution": c} for n, v, e, c in x.top
             ],
+            "stuck_features": inc.stuck,
             "model": {"version": x.version},
             "source": {
                 "topic": self.config.topic,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from training.fit import TrainConfig, train_model
+from training.fit import TrainConfig, continuous_features, fit, train_model
 
 
 def test_early_stopping_keeps_best_epoch():
@@ -22,3 +22,21 @@ def test_code_width_can_be_chosen():
 
     assert TrainConfig(code_dim=7).architecture(64).code_dim == 7
     assert TrainConfig().architecture(64).code_dim == 16  # a quarter of the input by default
+
+
+def test_continuous_features_are_those_that_almost_never_repeat():
+    rng = np.random.default_rng(0)
+    n = 2000
+    slow = np.repeat(rng.normal(size=n // 10), 10)  # updated every 10th row
+    per_key = np.tile([1.5, 2.5, 3.5, 4.5], n // 4)  # constant per key, keys interleaved
+    x = np.column_stack(
+        [rng.normal(size=n), rng.integers(0, 50, n), slow, per_key, np.zeros(n)]
+    ).astype(np.float32)
+    assert continuous_features(x) == [True, False, False, False, False]
+
+
+def test_the_manifest_names_the_continuous_features():
+    x = np.random.default_rng(1).normal(size=(200, 3)).astype(np.float32)
+    x[:, 2] = np.round(x[:, 2])
+    m = fit(x, ["a", "b", "c"], TrainConfig(max_epochs=2)).manifest
+    assert m.continuous == [True, True, False]

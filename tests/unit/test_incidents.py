@@ -373,3 +373,77 @@ def test_a_key_state_written_without_its_marker_does_not_count_rows_twice():
     again = restored.observe(rows(spec[20:]))
     assert again.messages == [] and again.skipped == 20
     assert restored.states == tracker.states
+
+
+def stuck_rows(spec: list[tuple], values: np.ndarray, continuous=(True, True)) -> Rows:
+    """rows(spec) with feature values [N, 2] for the stuck-feature check; the rows'
+    own flags explain only themselves."""
+    r = rows(spec)
+    top = r.top
+    flagged = r.is_anomaly.copy()
+    r.top = lambda i: top(i) if flagged[i] else []
+    r.values = np.asarray(values, dtype=np.float32)
+    r.continuous = np.asarray(continuous, dtype=bool)
+    r.feature_names = ["temp", "rpm"]
+    return r
+
+
+def test_a_stuck_feature_opens_one_incident_that_names_it():
+    """No row scores anomalous; rpm holds one value from row 40 on: from its 5th equal
+    reading the rows count, and the 7th such row opens the incident."""
+    n = 80
+    rng = np.random.default_rng(0)
+    values = rng.normal(size=(n, 2))
+    values[40:, 1] = values[40, 1]
+    spec = stream({b"pump": set()}, n)
+    tracker = IncidentTracker(cfg(window=35, open_share=0.2, stuck_records=5))
+    out = []
+    for i in range(0, n, 16):
+        out += messages(tracker.observe(stuck_rows(spec[i : i + 16], values[i : i + 16])))
+        tracker.settled()
+    assert len({m["incident_id"] for m in out}) == 1  # its updates follow
+    msg = out[0]
+    assert msg["status"] == "open" and msg["stuck_features"] == ["rpm"]
+    assert all(m["stuck_features"] == ["rpm"] for m in out)
+    assert msg["source"]["first_anomaly"]["offset"] == 44  # the 5th equal reading
+    assert msg["source"]["last_anomaly"]["offset"] == 50
+    assert msg["top_features"] == [] and msg["max_score_p_value"] == 0.5  # the model's
+    # the batch's own flags (its events) are untouched
+    assert not stuck_rows(spec[:16], values[:16]).is_anomaly.any()
+
+
+def test_no_stuck_feature_check_without_continuous_features_or_when_off():
+    n = 80
+    values = np.ones((n, 2))
+    spec = stream({b"pump": set()}, n)
+    for config, continuous in (
+        (cfg(stuck_records=5), (False, False)),
+        (cfg(stuck_records=0), (True, True)),
+    ):
+        tracker = IncidentTracker(config)
+        for i in range(0, n, 16):
+            out = tracker.observe(stuck_rows(spec[i : i + 16], values[i : i + 16], continuous))
+            assert out.messages == []
+            tracker.settled()
+
+
+def test_a_rollback_undoes_the_stuck_counts_with_the_rest():
+    """Rows read again after a failed delivery give the same incident, byte for byte."""
+    n = 64
+    values = np.random.default_rng(1).normal(size=(n, 2))
+    values[10:, 0] = values[10, 0]
+    spec = stream({b"pump": set()}, n)
+    once = IncidentTracker(cfg(stuck_records=3))
+    twice = IncidentTracker(cfg(stuck_records=3))
+    a, b = [], []
+    for i in range(0, n, 8):
+        batch = (spec[i : i + 8], values[i : i + 8])
+        a += once.observe(stuck_rows(*batch)).messages
+        once.settled()
+        b_out = twice.observe(stuck_rows(*batch)).messages
+        if i == 16:  # this batch's delivery fails: roll back and read it again
+            twice.rollback()
+            b_out = twice.observe(stuck_rows(*batch)).messages
+        b += b_out
+        twice.settled()
+    assert a == b and len(a) >= 1

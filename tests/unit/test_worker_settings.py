@@ -39,3 +39,19 @@ def test_the_off_switches_stay_valid(monkeypatch):
     monkeypatch.setenv("WORKER_MODEL_TOPIC", "")
     s = WorkerSettings()
     assert not s.incidents_on and not s.incident_state_on and s.model_topic == ""
+
+
+@pytest.mark.parametrize("value", ["1", "-1", "x"])
+def test_a_stuck_records_setting_that_cannot_repeat_is_refused(monkeypatch, value):
+    monkeypatch.setenv("WORKER_STUCK_RECORDS", value)
+    with pytest.raises(ValidationError) as err:
+        WorkerSettings()
+    assert settings_error_line(err.value, "WORKER_").startswith(
+        "invalid setting WORKER_STUCK_RECORDS="
+    )
+
+
+@pytest.mark.parametrize("value", ["0", "2", "5"])
+def test_stuck_records_off_or_at_least_two(monkeypatch, value):
+    monkeypatch.setenv("WORKER_STUCK_RECORDS", value)
+    assert WorkerSettings().stuck_records == int(value)
