@@ -200,6 +200,8 @@ def _consume_incidents(bootstrap: str, seen: Seen, stop: threading.Event, to_pri
                     if fresh and (first or done) and printed < to_print:
                         at = time.strftime("%H:%M:%S", time.gmtime(msg["updated_at_ms"] / 1000))
                         top = msg["top_features"][0]["name"] if msg["top_features"] else "-"
+                        if msg.get("stuck_features"):
+                            top = "stuck " + ",".join(msg["stuck_features"])
                         what = "RESOLVED" if done else "OPEN    "
                         span = (
                             f"after {(msg['ended_at_ms'] - msg['started_at_ms']) / 1000:.0f} s"

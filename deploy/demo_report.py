@@ -38,17 +38,21 @@ def episode_report(incidents: dict[str, list[dict]], episodes: dict) -> dict:
     ]
     matched: set[str] = set()
     detected, exactly_one, to_open, total = 0, 0, [], 0
+    by_kind: dict[str, list[int]] = {}  # kind → [detected, episodes]
     for key, eps in episodes.items():
         for ep in eps:
             if ep.length < 2:
                 continue
             total += 1
+            kind = by_kind.setdefault(ep.kind, [0, 0])
+            kind[1] += 1
             lo = T_START_MS + ep.start * SAMPLE_MS
             hi = T_START_MS + (ep.start + ep.length - 1) * SAMPLE_MS
             hits = [iid for k, a, b, iid in spans if k == key and a <= hi and b >= lo]
             matched.update(hits)
             if hits:
                 detected += 1
+                kind[0] += 1
                 exactly_one += len(hits) == 1
                 to_open.append((min(opened[i] for i in hits) - lo) / 1000)
     return {
@@ -57,6 +61,7 @@ def episode_report(incidents: dict[str, list[dict]], episodes: dict) -> dict:
         "exactly_one": exactly_one,
         "false_incidents": len(last) - len(matched),
         "incidents": len(last),
+        "detected_by_kind": {k: by_kind[k] for k in sorted(by_kind)},
         "time_to_open_s": to_open,
     }
 
@@ -271,6 +276,8 @@ def summarise(
             if inc_before
             else ""
         ),
+        "episodes detected      "
+        + ", ".join(f"{k} {d}/{t}" for k, (d, t) in inc["detected_by_kind"].items()),
         f"time to open           {open_text}   (event time from the episode's first record; spikes are single records: alerts, not incidents)",
         f"model versions seen    {' → '.join(seen_versions)}"
         + ("  (hot reload ✓)" if len(seen_versions) > 1 else ""),
