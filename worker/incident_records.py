@@ -30,10 +30,18 @@ class Anomaly:
     top: Top
     version: str
     stuck: tuple[str, ...] = ()  # its stuck features (worker/repeats.py), if any
+    # its packed form, made once: an anomaly never changes, and a key's state (its
+    # window's anomalies) is packed again after every batch that touches the key
+    _packed: orjson.Fragment | None = field(default=None, repr=False, compare=False)
 
-    def pack(self) -> list:
-        v = [self.ts, list(self.src), self.score, self.p, self.top, self.version]
-        return v + [list(self.stuck)] if self.stuck else v
+    def pack(self) -> orjson.Fragment:
+        """The JSON list [ts, src, score, p, top, version(, stuck)], for orjson.dumps."""
+        if self._packed is None:
+            v = [self.ts, list(self.src), self.score, self.p, self.top, self.version]
+            self._packed = orjson.Fragment(
+                orjson.dumps(v + [list(self.stuck)] if self.stuck else v)
+            )
+        return self._packed
 
     @classmethod
     def unpack(cls, v: list) -> Anomaly:

@@ -57,6 +57,13 @@ __all__ = [
 ]
 
 
+def record_keys(rows: Rows) -> list[tuple[int, bytes | None]]:
+    """Per record: its (partition, key), partition -1 for a record without rows."""
+    rec_p = np.full(len(rows.keys), -1, dtype=np.int64)
+    rec_p[rows.record] = rows.partition
+    return list(zip(rec_p.tolist(), rows.keys, strict=True))
+
+
 @dataclass(slots=True)
 class _Journal:
     """The state before one batch touched it: what `rollback` puts back."""
@@ -111,10 +118,13 @@ class IncidentTracker(IncidentRule):
         self._journals.append(self._journal)
         out.messages.extend(self._queued)
         self._queued = []
-        if self.repeats is not None:
-            rows = self._with_stuck(rows)
         if rows is not None and len(rows):
-            self._apply(rows)
+            keys = record_keys(rows)
+            if self.repeats is not None:
+                rows = self._with_stuck(rows, keys)
+            self._apply(rows, keys)
+        elif self.repeats is not None:
+            self.repeats.observe_nothing()
         for p in sorted(out.applied):
             self._sweep(p, self.stream_ms[p])
         packed = self._packed
@@ -128,13 +138,13 @@ class IncidentTracker(IncidentRule):
         self._deadlines.prune(self.states)
         return out
 
-    def _with_stuck(self, rows: Rows | None) -> Rows | None:
+    def _with_stuck(self, rows: Rows, keys: list) -> Rows:
         """The rows, with those that hold a stuck feature counted as anomalous."""
         watch = self.repeats
-        if rows is None or rows.continuous is None or not rows.continuous.any():
+        if rows.continuous is None or not rows.continuous.any():
             watch.observe_nothing()
             return rows
-        mask = watch.observe(rows.partition, rows.keys, rows.record, rows.values, rows.continuous)
+        mask = watch.observe(keys, rows.record, rows.values, rows.continuous)
         if mask is None:
             return rows
         hit = np.flatnonzero(mask.any(axis=1))
@@ -144,7 +154,7 @@ class IncidentTracker(IncidentRule):
         flags[hit] = True
         return replace(rows, is_anomaly=flags, stuck=stuck)
 
-    def _apply(self, rows: Rows) -> None:
+    def _apply(self, rows: Rows, keys: list) -> None:
         out = self._out
         order = np.lexsort((rows.row, rows.offset, rows.partition))
         part = rows.partition[order]
@@ -154,7 +164,7 @@ class IncidentTracker(IncidentRule):
         # Only rows that are anomalous, or whose key has state, change anything: the
         # rows of a key that has state now or an anomalous row in this batch are the
         # candidates, decided per record in C; each is checked again when its turn comes.
-        cand = flags | self._hot_records(rows)[rows.record[order]]
+        cand = flags | self._hot_records(rows, keys)[rows.record[order]]
         # a row read twice in one batch counts once (KeyState.pos): then row by row
         rws = rows.row[order]
         whole = not np.any((np.diff(offs) == 0) & (np.diff(rws) == 0) & (np.diff(part) == 0))
@@ -178,16 +188,12 @@ class IncidentTracker(IncidentRule):
             self.applied[p] = int(offs[hi - 1]) + 1
             out.applied[p] = (self.applied[p], self.stream_ms[p])
 
-    def _hot_records(self, rows: Rows) -> np.ndarray:
+    def _hot_records(self, rows: Rows, sks: list) -> np.ndarray:
         """Per record: does its (partition, key) hold state, or have an anomalous row here?"""
-        keys = rows.keys
-        hot = np.zeros(len(keys), dtype=bool)
+        hot = np.zeros(len(sks), dtype=bool)
         anomalous = np.flatnonzero(rows.is_anomaly)
         if not self.states and not len(anomalous):
             return hot
-        rec_p = np.full(len(keys), -1, dtype=np.int64)  # records without rows: no partition
-        rec_p[rows.record] = rows.partition
-        sks = list(zip(rec_p.tolist(), keys, strict=True))
         if self.states:
             hot |= np.fromiter(map(self.states.__contains__, sks), dtype=bool, count=len(sks))
         if len(anomalous):

@@ -67,15 +67,10 @@ class RepeatWatch:
     # -- one batch ------------------------------------------------------------------
 
     def observe(
-        self,
-        partition: np.ndarray,
-        keys: list,
-        record: np.ndarray,
-        x: np.ndarray,
-        continuous: np.ndarray,
+        self, keys: list[Key], record: np.ndarray, x: np.ndarray, continuous: np.ndarray
     ) -> np.ndarray | None:
-        """Rows [N, D] in each key's order (records `record` [N] of partitions
-        `partition` [N], record keys `keys`): for each row the mask [N, D] of its
+        """Rows [N, D] in each key's order, row i of record `record[i]`, whose
+        (partition, key) is `keys[record[i]]`: for each row the mask [N, D] of its
         continuous features that have held their value for ≥ `records` rows of its
         key, or None when no row has one. Journalled until `settled`."""
         self._batch += 1
@@ -86,7 +81,7 @@ class RepeatWatch:
         self._journals.append(undo)
         if n == 0:
             return None
-        rec_slot = self._slots_of(partition, keys, record, undo)
+        rec_slot = self._slots_of(keys, undo)
         slot = rec_slot[record]
         tracked = np.flatnonzero(slot >= 0)
         order = tracked[np.argsort(slot[tracked], kind="stable")]
@@ -138,17 +133,15 @@ class RepeatWatch:
         anchor = np.maximum.accumulate(np.where(~eq | start[:, None], idx, 0), axis=0)
         return np.take_along_axis(base, anchor, axis=0) + (idx - anchor)
 
-    def _slots_of(self, partition, keys, record, undo: _Undo) -> np.ndarray:
-        """Per record: its key's slot, a new one for a new key, -1 where none is free."""
-        n_rec = len(keys)
-        part = np.full(n_rec, -1, np.int64)
-        part[record] = partition
+    def _slots_of(self, keys: list[Key], undo: _Undo) -> np.ndarray:
+        """Per record: its key's slot, a new one for a new key, -1 where none is free
+        (or the record has no rows: partition -1)."""
         found = self.slots
-        sk = list(zip(part.tolist(), keys, strict=True))
-        rec_slot = np.fromiter(map(found.get, sk, repeat(-1)), np.int64, n_rec)
-        new = [i for i in np.flatnonzero(rec_slot < 0).tolist() if part[i] >= 0]
-        for i in new:
-            k = sk[i]
+        rec_slot = np.fromiter(map(found.get, keys, repeat(-1)), np.int64, len(keys))
+        for i in np.flatnonzero(rec_slot < 0).tolist():
+            k = keys[i]
+            if k[0] < 0:
+                continue
             got = found.get(k)  # a key twice in the batch
             if got is None:
                 got = self._take(undo)

@@ -159,8 +159,8 @@ def stuck_rows(s: Scored, records: int) -> dict:
     watch = RepeatWatch(records, max_keys=100)
     flagged = np.zeros(len(s.x), bool)
     for a, b, _res, sc in s.batches:
-        rec = np.arange(b - a)
-        mask = watch.observe(s.partition[a:b], s.keys[a:b], rec, s.x[a:b], sc.continuous)
+        keys = list(zip(s.partition[a:b].tolist(), s.keys[a:b], strict=True))
+        mask = watch.observe(keys, np.arange(b - a), s.x[a:b], sc.continuous)
         if mask is not None:
             flagged[a:b] = mask.any(axis=1)
     inside = np.zeros(len(s.x), bool)

@@ -11,9 +11,16 @@ import pytest
 from worker.repeats import RepeatWatch
 
 
+def observe(watch, partition, keys, record, x, continuous):
+    """watch.observe for rows of partitions `partition` [N] and records `record` [N]."""
+    rec_p = np.full(len(keys), -1, np.int64)
+    rec_p[record] = partition
+    return watch.observe(list(zip(rec_p.tolist(), keys, strict=True)), record, x, continuous)
+
+
 def flags(watch, *batch):
     """The watch's mask, all False where it says None."""
-    got = watch.observe(*batch)
+    got = observe(watch, *batch)
     return np.zeros(batch[3].shape, bool) if got is None else got
 
 
@@ -130,7 +137,7 @@ def test_eviction_forgets_the_keys_seen_longest_ago():
     one = np.ones((1, 1), np.float32)
     z, r = np.zeros(1, np.int64), np.zeros(1, np.int64)
     for k in (b"a", b"b", b"c"):
-        watch.observe(z, [k], r, one, np.array([True]))
+        observe(watch, z, [k], r, one, np.array([True]))
     assert set(watch.slots) == {(0, b"b"), (0, b"c")}
     # b's count survived, a's did not
     assert flags(watch, z, [b"b"], r, one, np.array([True])).all()
@@ -141,7 +148,7 @@ def test_dropped_partitions_are_forgotten():
     watch = RepeatWatch(2, max_keys=10)
     one = np.ones((1, 1), np.float32)
     z, r = np.zeros(1, np.int64), np.zeros(1, np.int64)
-    watch.observe(z, [b"a"], r, one, np.array([True]))
+    observe(watch, z, [b"a"], r, one, np.array([True]))
     watch.settled()
     watch.drop_partitions({0})
     assert len(watch) == 0
@@ -151,6 +158,6 @@ def test_dropped_partitions_are_forgotten():
 def test_a_model_of_another_width_starts_afresh():
     watch = RepeatWatch(2, max_keys=10)
     z, r = np.zeros(1, np.int64), np.zeros(1, np.int64)
-    watch.observe(z, [b"a"], r, np.ones((1, 2), np.float32), np.array([True, True]))
+    observe(watch, z, [b"a"], r, np.ones((1, 2), np.float32), np.array([True, True]))
     got = flags(watch, z, [b"a"], r, np.ones((1, 3), np.float32), np.array([True] * 3))
     assert not got.any()
