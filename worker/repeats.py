@@ -16,7 +16,8 @@ numpy operations whatever its number of keys. It is journalled per batch like th
 tracker's (a failed delivery rolls both back to the last delivered batch), dropped
 with a partition, and not written to the changelog: after a restart or a rebalance a
 key's count starts again from the rows read again (at most `records` rows later).
-At most `max_keys` keys are watched; a new key evicts the keys seen longest ago.
+At most `max_keys` keys are watched, and no more than MEMORY_BYTES hold (8 bytes per
+feature and key); a new key evicts the keys seen longest ago.
 Pure logic: nothing here talks to Kafka.
 """
 
@@ -28,6 +29,7 @@ from itertools import repeat
 import numpy as np
 
 RUN_CAP = 1 << 30  # a count that long stays there (int32)
+MEMORY_BYTES = 64 << 20  # at most this much state: fewer keys for wide rows
 
 Key = tuple[int, bytes | None]  # (partition, record key)
 
@@ -52,6 +54,7 @@ class RepeatWatch:
             raise ValueError("a repeat needs at least 2 records")
         self.records = records
         self.max_keys = max_keys
+        self.cap = max_keys  # keys held at most, for the width of the rows (_reset)
         self.slots: dict[Key, int] = {}
         self._key_of: list[Key | None] = []  # slot → key
         self._free: list[int] = []
@@ -159,8 +162,8 @@ class RepeatWatch:
         """A free slot: grow, or evict the keys seen longest ago (not this batch's)."""
         if not self._free:
             cap = len(self._key_of)
-            if cap < self.max_keys:
-                self._grow(min(self.max_keys, max(64, 2 * cap)))
+            if cap < self.cap:
+                self._grow(min(self.cap, max(64, 2 * cap)))
             else:
                 self._evict(undo)
         return self._free.pop() if self._free else -1
@@ -169,7 +172,7 @@ class RepeatWatch:
         old = np.flatnonzero(self._seen < self._batch)
         if not len(old):
             return
-        n = min(len(old), max(1, self.max_keys // 8))
+        n = min(len(old), max(1, self.cap // 8))
         gone = old[np.argpartition(self._seen[old], n - 1)[:n]] if n < len(old) else old
         for slot in gone.tolist():
             k = self._key_of[slot]
@@ -191,6 +194,7 @@ class RepeatWatch:
         self._free += range(cap - 1, old - 1, -1)
 
     def _reset(self, d: int) -> None:
+        self.cap = max(1, min(self.max_keys, MEMORY_BYTES // (8 * d + 16)))
         self.slots.clear()
         self._key_of, self._free = [], []
         self._last = np.empty((0, d), np.float32)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from worker.repeats import RepeatWatch
+from worker.repeats import MEMORY_BYTES, RepeatWatch
 
 
 def observe(watch, partition, keys, record, x, continuous):
@@ -161,3 +161,12 @@ def test_a_model_of_another_width_starts_afresh():
     observe(watch, z, [b"a"], r, np.ones((1, 2), np.float32), np.array([True, True]))
     got = flags(watch, z, [b"a"], r, np.ones((1, 3), np.float32), np.array([True] * 3))
     assert not got.any()
+
+
+def test_wide_rows_hold_fewer_keys_within_the_memory_budget():
+    watch = RepeatWatch(2, max_keys=100_000)
+    d = 4096
+    x = np.zeros((3, d), np.float32)
+    observe(watch, np.zeros(3, np.int64), [b"a", b"b", b"c"], np.arange(3), x, np.ones(d, bool))
+    assert watch.cap == MEMORY_BYTES // (8 * d + 16) < 100_000
+    assert watch._last.nbytes + watch._run.nbytes <= MEMORY_BYTES
