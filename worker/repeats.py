@@ -11,11 +11,12 @@ repeated for at least `records` rows of their key, and counts those rows as anom
 rows of the key.
 
 State: per (partition, key), the last row and how many rows in a row each feature
-has held its value; float32 arrays indexed by a slot per key, so a batch is a few
-numpy operations whatever its number of keys. It is journalled per batch like the
+has held its value; arrays indexed by a slot per key, so a batch is a few numpy
+operations whatever its number of keys. It is journalled per batch like the
 tracker's (a failed delivery rolls both back to the last delivered batch), dropped
 with a partition, and not written to the changelog: after a restart or a rebalance a
-key's count starts again from the rows read again (at most `records` rows later).
+key's count starts again from the rows read again (found at most `records` − 1 rows
+later).
 At most `max_keys` keys are watched, and no more than MEMORY_BYTES hold (8 bytes per
 feature and key); a new key evicts the keys seen longest ago.
 Pure logic: nothing here talks to Kafka.
@@ -200,7 +201,8 @@ class RepeatWatch:
         self._last = np.empty((0, d), np.float32)
         self._run = np.empty((0, d), np.int32)
         self._seen = np.empty(0, np.int64)
-        self._journals.clear()
+        # the batches in flight keep a journal each (settled counts them), now empty
+        self._journals = [_Undo() for _ in self._journals]
 
     def observe_nothing(self) -> None:
         """A batch with no rows to watch: journalled all the same (one per batch)."""

@@ -161,6 +161,10 @@ def test_a_model_of_another_width_starts_afresh():
     observe(watch, z, [b"a"], r, np.ones((1, 2), np.float32), np.array([True, True]))
     got = flags(watch, z, [b"a"], r, np.ones((1, 3), np.float32), np.array([True] * 3))
     assert not got.any()
+    # both batches are still in flight: one journal each, and a rollback undoes both
+    assert len(watch._journals) == 2
+    watch.rollback()
+    assert len(watch) == 0
 
 
 def test_wide_rows_hold_fewer_keys_within_the_memory_budget():
