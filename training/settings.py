@@ -18,7 +18,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from training.config import PenaltyMode, ScalerKind, TrainConfig
 from worker.model_config import Activation, ScoreKind
-from worker.settings import KafkaSettings, settings_error_line, topic_name
+from worker.settings import KafkaSettings, optional_topic_name, settings_error_line, topic_name
 
 ENV_PREFIX = "TRAINER_"
 PROG = "python -m training"
@@ -95,7 +95,7 @@ class TrainerSettings(BaseSettings):
     @field_validator("model_topic")
     @classmethod
     def _model_topic(cls, v: str) -> str:
-        return topic_name(v) if v else v  # empty: the directory only
+        return optional_topic_name(v)  # empty: the directory only
 
     @field_validator("incident_topic")
     @classmethod

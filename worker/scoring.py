@@ -188,6 +188,8 @@ class Scorer:
             raise ValueError(f"executor on {self.executor.device}, scorer on {self.device}")
         self.model = checkpoint.build_model(self.device)
         m = self.manifest
+        # the features a stuck-feature check watches (Manifest.continuous), or None
+        self.continuous = None if m.continuous is None else np.asarray(m.continuous, dtype=bool)
         # the knn score's reference rows, float32 whatever the model's precision
         self._k = m.neighbours
         self._reference = self.model.reference.float() if m.score == "knn" else None
@@ -217,12 +219,6 @@ class Scorer:
     @property
     def feature_names(self) -> list[str]:
         return self.manifest.feature_names
-
-    @property
-    def continuous(self) -> np.ndarray | None:
-        """The features a stuck-feature check watches (Manifest.continuous), or None."""
-        c = self.manifest.continuous
-        return None if c is None else np.asarray(c, dtype=bool)
 
     # -- the maths (on the device) ---------------------------------------------------
 

@@ -92,6 +92,11 @@ def topic_name(v: str) -> str:
     return v
 
 
+def optional_topic_name(v: str) -> str:
+    """A topic name, or empty: the setting off (the model topic of worker and trainer)."""
+    return topic_name(v) if v else v
+
+
 class WorkerSettings(BaseSettings):
     """The streaming worker (WORKER_*); every variable: docs/contract.md#settings."""
 
@@ -198,7 +203,7 @@ class WorkerSettings(BaseSettings):
     @field_validator("model_topic")
     @classmethod
     def _model_topic(cls, v: str) -> str:
-        return topic_name(v) if v else v  # empty: checkpoints from the directory
+        return optional_topic_name(v)  # empty: checkpoints from the directory
 
     @field_validator("drift_resolve_level")
     @classmethod
