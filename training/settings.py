@@ -18,7 +18,13 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from training.config import PenaltyMode, ScalerKind, TrainConfig
 from worker.model_config import Activation, ScoreKind
-from worker.settings import KafkaSettings, optional_topic_name, settings_error_line, topic_name
+from worker.settings import (
+    KafkaSettings,
+    optional_topic_name,
+    settings_error_line,
+    topic_name,
+    topic_name_or_none,
+)
 
 ENV_PREFIX = "TRAINER_"
 PROG = "python -m training"
@@ -100,7 +106,7 @@ class TrainerSettings(BaseSettings):
     @field_validator("incident_topic")
     @classmethod
     def _incident_topic(cls, v: str) -> str:
-        return v if v.strip().lower() == "none" else topic_name(v)
+        return topic_name_or_none(v)
 
     @field_validator("hidden", mode="before")
     @classmethod
@@ -145,7 +151,7 @@ class TrainerSettings(BaseSettings):
 
     @property
     def retrain_on_drift(self) -> bool:
-        return self.incident_topic.strip().lower() != "none"
+        return self.incident_topic != "none"
 
     def train_config(self) -> TrainConfig:
         """The hyper-parameters as TrainConfig names them."""

@@ -97,6 +97,15 @@ def optional_topic_name(v: str) -> str:
     return topic_name(v) if v else v
 
 
+def topic_name_or_none(v: str) -> str:
+    """A topic name, or "none" (any case, spaces around it ignored): the setting off
+    (the incident topics of worker and trainer)."""
+    v = v.strip()
+    if not v:
+        raise ValueError("a topic name, or none")
+    return "none" if v.lower() == "none" else topic_name(v)
+
+
 class WorkerSettings(BaseSettings):
     """The streaming worker (WORKER_*); every variable: docs/contract.md#settings."""
 
@@ -188,14 +197,12 @@ class WorkerSettings(BaseSettings):
             raise ValueError("must be 0 (off) or at least 2: one record cannot repeat")
         return v
 
-    @field_validator("incident_topic")
+    @field_validator("incident_topic", "incident_state_topic")
     @classmethod
-    def _incident_topic(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("a topic name, or none")
-        return topic_name(v.strip())
+    def _incident_topics(cls, v: str) -> str:
+        return topic_name_or_none(v)
 
-    @field_validator("input_topic", "output_topic", "dlq_topic", "incident_state_topic")
+    @field_validator("input_topic", "output_topic", "dlq_topic")
     @classmethod
     def _topics(cls, v: str) -> str:
         return topic_name(v)

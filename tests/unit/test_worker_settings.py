@@ -33,12 +33,28 @@ def test_legal_topic_names_pass(monkeypatch, var):
     assert getattr(WorkerSettings(), var.removeprefix("WORKER_").lower()).startswith("Sensors_v2")
 
 
-def test_the_off_switches_stay_valid(monkeypatch):
-    monkeypatch.setenv("WORKER_INCIDENT_TOPIC", "none")
-    monkeypatch.setenv("WORKER_INCIDENT_STATE_TOPIC", "none")
+@pytest.mark.parametrize("off", ["none", "None", " NONE "])
+def test_the_off_switches_stay_valid(monkeypatch, off):
+    monkeypatch.setenv("WORKER_INCIDENT_TOPIC", off)
+    monkeypatch.setenv("WORKER_INCIDENT_STATE_TOPIC", off)
     monkeypatch.setenv("WORKER_MODEL_TOPIC", "")
     s = WorkerSettings()
     assert not s.incidents_on and not s.incident_state_on and s.model_topic == ""
+
+
+@pytest.mark.parametrize("off", ["none", "None", " NONE "])
+def test_the_trainer_reads_the_incident_topic_s_off_switch_as_the_worker_does(off):
+    from training.settings import TrainerSettings
+
+    s = TrainerSettings(data="x.csv", incident_topic=off)
+    assert s.incident_topic == WorkerSettings(incident_topic=off).incident_topic == "none"
+    assert not s.retrain_on_drift
+
+
+def test_the_state_topic_alone_off_keeps_incidents_in_memory(monkeypatch):
+    monkeypatch.setenv("WORKER_INCIDENT_STATE_TOPIC", "None")
+    s = WorkerSettings()
+    assert s.incidents_on and not s.incident_state_on
 
 
 @pytest.mark.parametrize("value", ["1", "-1", "x"])
