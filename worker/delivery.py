@@ -14,6 +14,14 @@
   batches' worth); they wait, unsent, until the commit has ended, so transactions
   never overlap and the next one begins only after this one committed.
 
+Either way the incident state's changelog records (`Changelog`) are not sent batch by
+batch: they are held back and sent coalesced, the newest value per key, once per
+commit: once per transaction, or under at-least-once every `PIPELINE_DEPTH` - 1
+batches or `WORKER_COMMIT_INTERVAL_MS`, whichever comes first, and no batch is
+committed before the records holding its state are acknowledged. A key's state
+changes in most batches that read the key, so this writes the same state with a
+fraction of the records (docs/benchmarks.md, "The incident changelog coalesced").
+
 A failure is reported in `Settled.error`; the worker then calls `abandon`, which
 hands back (`Abandoned`) every record not committed, to rewind its consumer to the
 first of them (`rewind`) and read and score them again, and the outputs to carry to
@@ -35,6 +43,7 @@ from kafka.errors import KafkaError
 from kafka.structs import TopicPartition
 
 from worker.clients import track_topic, unknown_leaders
+from worker.incident_records import MARKER_KEY
 from worker.pipeline import Abandoned, Finished, Pipeline, PublishError, Settled, merge_offsets
 from worker.settings import WorkerSettings
 from worker.step import BatchOutcome
@@ -79,11 +88,55 @@ class Delivery(Protocol):
         ...
 
 
+class Changelog:
+    """The incident state's changelog records held back since the last flush,
+    coalesced: per (partition, key) the newest value (a tombstone too) and per partition
+    the newest marker. A reader keeps the last value per key (`read_changelog`), so one
+    flush writes what the batches' records would have, one record per key. The markers
+    go last, so a partition's marker never lands ahead of a state it counts."""
+
+    def __init__(self):
+        self._states: dict[tuple[int, bytes], bytes | None] = {}
+        self._markers: dict[int, bytes] = {}
+
+    def __len__(self) -> int:
+        return len(self._states) + len(self._markers)
+
+    def add(self, records: list[tuple[int, bytes, bytes | None]]) -> None:
+        for p, key, value in records:
+            if key == MARKER_KEY:
+                self._markers[p] = value
+            else:
+                self._states[(p, key)] = value
+
+    def flush(self, producer: KafkaProducer, topic: str) -> list:
+        """Send what is held; their futures."""
+        if not len(self):
+            return []
+        track_topic(producer, topic)
+        send = producer.send
+        futures = [send(topic, key=k, value=v, partition=p) for (p, k), v in self._states.items()]
+        futures += [
+            send(topic, key=MARKER_KEY, value=v, partition=p) for p, v in self._markers.items()
+        ]
+        self.clear()
+        return futures
+
+    def clear(self) -> None:
+        self._states, self._markers = {}, {}
+
+
 class AtLeastOnce:
     def __init__(self, settings: WorkerSettings, depth: int = PIPELINE_DEPTH):
         self.topics = OutputTopics.of(settings)
         self.pipeline = Pipeline(depth)
         self._uncommitted: dict = {}  # acknowledged offsets not yet committed synchronously
+        self.changelog = Changelog()
+        # a flush at most every this many batches and this long after the first it holds:
+        # one batch short of a full pipeline, so the head's state is on its way before
+        # the loop would have to wait for it
+        self.flush_batches = max(1, depth - 1)
+        self.flush_s = settings.commit_interval_ms / 1000
 
     def producer_options(self) -> dict:
         return {}
@@ -98,9 +151,22 @@ class AtLeastOnce:
         return 0.0 if len(self.pipeline) else None
 
     def submit(self, outcome: BatchOutcome, producer, consumer) -> None:
-        self.pipeline.add(outcome, _send(producer, outcome, self.topics))
+        futures = _send(producer, outcome, self.topics)
+        self.changelog.add(outcome.state)
+        # a batch without state records while none are held back has nothing to wait for
+        self.pipeline.add(outcome, futures, flushed=not len(self.changelog))
+        if self.pipeline.unflushed()[0] >= self.flush_batches:
+            self._flush(producer)
+
+    def _flush(self, producer) -> None:
+        self.pipeline.flushed(self.changelog.flush(producer, self.topics.state))
 
     def settle(self, producer, consumer, wait: Wait = "none") -> Settled:
+        held, age_s = self.pipeline.unflushed()
+        # the held-back batches are the newest; a full pipeline waits for its head
+        head_held = self.pipeline.full() and held == len(self.pipeline)
+        if held and (wait == "all" or head_held or age_s >= self.flush_s):
+            self._flush(producer)
         if wait == "all":
             producer.flush(timeout=FLUSH_TIMEOUT_S)  # sends what lingers, waits for every ack
         elif wait == "room" and self.pipeline.full():
@@ -138,6 +204,7 @@ class AtLeastOnce:
             log.warning("commit_failed", error=str(e) or type(e).__name__, sync=True)
 
     def abandon(self, producer) -> Abandoned:
+        self.changelog.clear()  # the tracker rolls back: its records are scored again
         return self.pipeline.abandon()
 
 
@@ -161,6 +228,7 @@ class ExactlyOnce:
         # sent in the next transaction once it ended, whose interval starts at the first
         self._waiting: list[tuple[BatchOutcome, float, float]] = []
         self._committed: list[Finished] = []  # committed, not yet reported by settle
+        self.changelog = Changelog()  # the open transaction's, sent before its commit
 
     def producer_options(self) -> dict:
         return {"transactional_id": self.transactional_id, "enable_idempotence": True}
@@ -195,6 +263,7 @@ class ExactlyOnce:
             now = self.clock()
             self._open, self._opened_at = True, now if scored_at is None else min(scored_at, now)
         self._futures += _send(producer, outcome, self.topics)
+        self.changelog.add(outcome.state)
         self._batches.append((outcome, submitted_at))
 
     def _room(self) -> bool:
@@ -229,6 +298,7 @@ class ExactlyOnce:
         if not due:
             return settled
         try:
+            self._futures += self.changelog.flush(producer, self.topics.state)
             # offsets, flush, end of transaction: queued in order, run by the sender thread
             self._committing = _begin_commit(
                 producer, merge_offsets([o for o, _ in self._batches]), consumer.group_metadata()
@@ -293,6 +363,7 @@ class ExactlyOnce:
         return abandoned
 
     def _abort(self, producer) -> None:
+        self.changelog.clear()
         if not self._open:
             return
         self._open = False
@@ -371,13 +442,13 @@ class OutputTopics:
 
 
 def _send(producer: KafkaProducer, outcome: BatchOutcome, topics: OutputTopics):
-    """Every output of a batch: events, DLQ records, incident messages, changelog records."""
+    """A batch's outputs but its changelog records (`Changelog`): events, DLQ records,
+    incident messages."""
     incidents = outcome.incidents + outcome.drift
     for topic, outputs in (
         (topics.events, outcome.events),
         (topics.dlq, outcome.dlq),
         (topics.incidents, incidents),
-        (topics.state, outcome.state),
     ):
         if outputs:
             track_topic(producer, topic)
@@ -385,7 +456,6 @@ def _send(producer: KafkaProducer, outcome: BatchOutcome, topics: OutputTopics):
     futures = [send(topics.events, key=k, value=v, headers=h) for k, v, h in outcome.events]
     futures += [send(topics.dlq, key=k, value=v, headers=h) for k, v, h in outcome.dlq]
     futures += [send(topics.incidents, key=k, value=v, headers=h) for k, v, h in incidents]
-    futures += [send(topics.state, key=k, value=v, partition=p) for p, k, v in outcome.state]
     return futures
 
 

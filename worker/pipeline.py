@@ -8,7 +8,10 @@ Pure logic over producer futures (anything with `is_done`, `exception` and
   behind an unfinished or failed one;
 * a failed output fails its batch; the failed batch and everything behind it stay
   until `abandon`, which hands back their records so the consumer can rewind
-  (`Abandoned`: also the outputs that must go out with the next batch instead).
+  (`Abandoned`: also the outputs that must go out with the next batch instead);
+* a batch added unflushed (its incident state's changelog records held back, to be
+  sent coalesced with later batches') is not committed before `flushed` hands it the
+  futures of those records and they too are acknowledged.
 """
 
 from __future__ import annotations
@@ -63,6 +66,7 @@ class _InFlight:
     outcome: BatchOutcome
     futures: list
     sent_at: float
+    flushed: bool = True  # False: outputs still held back, and with them the commit
     checked: int = 0  # futures before this index are done and succeeded
 
     def state(self) -> str:
@@ -116,9 +120,22 @@ class Pipeline:
     def full(self) -> bool:
         return len(self._batches) >= self.depth
 
-    def add(self, outcome: BatchOutcome, futures: list) -> None:
-        self._batches.append(_InFlight(outcome, futures, self.clock()))
+    def add(self, outcome: BatchOutcome, futures: list, flushed: bool = True) -> None:
+        self._batches.append(_InFlight(outcome, futures, self.clock(), flushed))
         self._records += len(outcome.records)
+
+    def unflushed(self) -> tuple[int, float]:
+        """Batches added unflushed and not flushed yet, and the age of the oldest (s)."""
+        waiting = [b for b in self._batches if not b.flushed]
+        return len(waiting), (self.clock() - waiting[0].sent_at if waiting else 0.0)
+
+    def flushed(self, futures: list) -> None:
+        """The held-back outputs of every unflushed batch went out as `futures`: each of
+        those batches is acknowledged only once they are too."""
+        for b in self._batches:
+            if not b.flushed:
+                b.futures = b.futures + futures
+                b.flushed = True
 
     def wait_head(self, timeout_s: float) -> None:
         """Block until the oldest batch is acknowledged, has failed, or `timeout_s` passed."""
@@ -134,7 +151,7 @@ class Pipeline:
         while self._batches:
             head = self._batches[0]
             state = head.state()
-            if state == "pending":
+            if state == "pending" or state == "acked" and not head.flushed:
                 break
             if state == "failed":
                 failed = head.futures[head.checked]

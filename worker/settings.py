@@ -131,8 +131,10 @@ class WorkerSettings(BaseSettings):
     # the Kafka client's own threads (and the broker's) for the cores.
     torch_threads: int = Field(default=1, ge=1, le=256)
     delivery: Delivery = "at-least-once"
-    # Exactly-once only: one transaction spans the micro-batches of this interval (and
-    # at most 4 × max_batch_size records); longer means fewer transactions, later reads.
+    # Exactly-once: one transaction spans the micro-batches of this interval (and at most
+    # 4 × max_batch_size records); longer means fewer transactions, later reads.
+    # At-least-once: the longest the incident changelog records are held back to be
+    # sent coalesced (worker/delivery.py Changelog), and with them those batches' commit.
     commit_interval_ms: int = Field(default=100, ge=0, le=60_000)
     # Compression of the events and DLQ records the worker publishes. Compressed input
     # (any codec) is read transparently.

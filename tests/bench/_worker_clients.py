@@ -15,6 +15,7 @@ an acknowledgement (until its last batch); the naive loop waits for every one.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -32,7 +33,9 @@ from worker.scoring import BatchScores, Scorer, load_scorer
 from worker.settings import WorkerSettings
 from worker.step import next_offsets, score_records
 
-KEYS = [b"sensor-%d" % i for i in range(64)]
+# The entities (Kafka keys), round robin: 64 unless BENCH_KEYS says otherwise (an A/B
+# of the incident tracker's cost with many keys; not part of `make bench`).
+KEYS = [b"sensor-%d" % i for i in range(int(os.environ.get("BENCH_KEYS", "64")))]
 
 # Pre-fill: as fast as kafka-python goes; acks=1 because nothing is measured here.
 FILL_PRODUCER = dict(
@@ -49,15 +52,16 @@ def encode(
     out = []
     if encoding == "json":
         for i, row in enumerate(x.tolist()):
-            out.append((KEYS[i % 64], encode_json(row, id=f"sensor-{i % 64}/{i}"), []))
+            key = KEYS[i % len(KEYS)]
+            out.append((key, encode_json(row, id=f"{key.decode()}/{i}"), []))
     elif encoding == "float32":
         for i, row in enumerate(x):
             value, headers = encode_float32(row)
-            out.append((KEYS[i % 64], value, headers))
+            out.append((KEYS[i % len(KEYS)], value, headers))
     elif encoding == "rows":
         for i, start in enumerate(range(0, len(x) - rows_per_record + 1, rows_per_record)):
             value, headers = encode_float32_rows(x[start : start + rows_per_record])
-            out.append((KEYS[i % 64], value, headers))
+            out.append((KEYS[i % len(KEYS)], value, headers))
     else:
         raise ValueError(encoding)
     return out

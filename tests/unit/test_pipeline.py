@@ -11,7 +11,8 @@ from kafka.structs import TopicPartition
 from structlog.testing import capture_logs
 
 from worker.clients import unknown_leaders
-from worker.delivery import AtLeastOnce, ExactlyOnce
+from worker.delivery import AtLeastOnce, Changelog, ExactlyOnce
+from worker.incident_records import MARKER_KEY
 from worker.pipeline import Pipeline, Settled, merge_offsets
 from worker.settings import WorkerSettings
 from worker.step import BatchOutcome, first_offsets, next_offsets
@@ -112,11 +113,15 @@ def test_merge_offsets_takes_the_newest_per_partition():
 class FakeProducer:
     def __init__(self):
         self.sent: list[FakeFuture] = []
+        self.records: list[tuple] = []  # (topic, partition, key, value) of every send
         self.flushed = 0
 
-    def send(self, topic, key=None, value=None, headers=None):
+    def send(self, topic, key=None, value=None, headers=None, partition=None):
         f = FakeFuture()
         self.sent.append(f)
+        self.records.append((topic, partition, key, value))
+        if hasattr(self, "calls") and topic == "incidents.state":
+            self.calls.append(f"state {partition} {key!r}")
         return f
 
     def flush(self, timeout=None):
@@ -544,3 +549,131 @@ def test_a_drift_incident_of_an_abandoned_batch_is_carried():
     assert d.settle(producer, consumer).error is not None
     abandoned = d.abandon(producer)
     assert abandoned.carried == [drift] and len(abandoned.records) == 3
+
+
+# -- the incident state's changelog records, held back and sent coalesced ----------------
+
+
+def with_state(outcome: BatchOutcome, *records) -> BatchOutcome:
+    """The batch's changelog records: (partition, key, value); b"m" is a marker."""
+    outcome.state = list(records)
+    return outcome
+
+
+def state_sent(producer) -> list[tuple]:
+    return [(p, k, v) for t, p, k, v in producer.records if t == "incidents.state"]
+
+
+def test_the_changelog_keeps_the_newest_value_per_key_and_sends_the_markers_last():
+    log, producer = Changelog(), FakeProducer()
+    log.add([(0, b"ka", b"1"), (0, MARKER_KEY, b"m1"), (1, b"ka", b"x")])
+    log.add([(0, b"kb", b"1"), (0, b"ka", None), (0, MARKER_KEY, b"m2")])
+    log.add([(0, b"kb", b"2"), (1, MARKER_KEY, b"n1")])
+    assert len(log.flush(producer, "incidents.state")) == 5
+    assert state_sent(producer) == [
+        (0, b"ka", None),  # a tombstone is a value like any other: the newest wins
+        (1, b"ka", b"x"),
+        (0, b"kb", b"2"),
+        (0, MARKER_KEY, b"m2"),
+        (1, MARKER_KEY, b"n1"),
+    ]
+    assert len(log) == 0 and log.flush(producer, "incidents.state") == []
+
+
+def test_at_least_once_holds_the_state_back_and_commits_nothing_before_it_is_acknowledged():
+    d, producer, consumer = at_least_once(), FakeProducer(), FakeConsumer()
+    d.pipeline.clock = Clock()
+    for i, key in enumerate([b"ka", b"kb", b"ka"]):
+        outcome = with_outputs(batch({0: range(i * 10, i * 10 + 10)}), 1)
+        d.submit(
+            with_state(outcome, (0, key, b"%d" % i), (0, MARKER_KEY, b"m%d" % i)),
+            producer,
+            consumer,
+        )
+        if i < 2:
+            assert state_sent(producer) == [], "held back until a third batch"
+            producer.sent[-1].ack()
+            assert d.settle(producer, consumer).finished == [], "its state is not out yet"
+    # the third batch flushed all three batches' state: one record per key, then the marker
+    assert state_sent(producer) == [(0, b"ka", b"2"), (0, b"kb", b"1"), (0, MARKER_KEY, b"m2")]
+    for f in producer.sent[:-3]:  # every event, not the state records
+        f.ack()
+    assert d.settle(producer, consumer).finished == [] and consumer.async_commits == []
+    for f in producer.sent:
+        f.ack()
+    assert len(d.settle(producer, consumer).finished) == 3
+    assert consumer.async_commits == [{TP0: 30}]
+
+
+def test_at_least_once_flushes_the_state_after_the_commit_interval_and_on_a_drain():
+    d, producer, consumer = at_least_once(), FakeProducer(), FakeConsumer()
+    clock = d.pipeline.clock = Clock()
+    d.submit(with_state(batch({0: range(0, 10)}), (0, b"ka", b"1")), producer, consumer)
+    clock.t += 0.099
+    d.settle(producer, consumer)
+    assert state_sent(producer) == []
+    clock.t += 0.001  # WORKER_COMMIT_INTERVAL_MS: 100
+    d.settle(producer, consumer)
+    assert state_sent(producer) == [(0, b"ka", b"1")]
+    d.submit(with_state(batch({0: range(10, 20)}), (0, b"kb", b"1")), producer, consumer)
+    settled = d.settle(producer, consumer, wait="all")
+    assert state_sent(producer)[-1] == (0, b"kb", b"1") and len(settled.finished) == 2
+    assert consumer.async_commits == [] and consumer.sync_commits == [{TP0: 20}]
+
+
+def test_a_failure_drops_the_state_held_back_with_the_batches_it_hands_back():
+    d, producer, consumer = at_least_once(), FakeProducer(), FakeConsumer()
+    d.submit(
+        with_state(with_outputs(batch({0: range(0, 10)}), 1), (0, b"ka", b"old")),
+        producer,
+        consumer,
+    )
+    producer.sent[0].fail()
+    assert d.settle(producer, consumer).error is not None
+    assert first_offsets(d.abandon(producer).records) == {TP0: 0}
+    d.submit(with_state(batch({0: range(0, 10)}), (0, b"kb", b"new")), producer, consumer)
+    d.settle(producer, consumer, wait="all")
+    assert state_sent(producer) == [(0, b"kb", b"new")], "the abandoned batch's state is gone"
+
+
+def test_without_state_records_a_batch_is_not_held_back():
+    d, producer, consumer = at_least_once(), FakeProducer(), FakeConsumer()
+    d.submit(with_outputs(batch({0: range(0, 10)}), 1), producer, consumer)
+    producer.sent[0].ack()
+    assert len(d.settle(producer, consumer).finished) == 1
+    assert consumer.async_commits == [{TP0: 10}]
+
+
+def test_a_transaction_sends_its_batches_state_once_coalesced_before_its_commit():
+    clock, producer, consumer = Clock(), TxProducer(), GroupConsumer()
+    d = exactly_once(clock)
+    d.submit(
+        with_state(batch({0: range(0, 5)}), (0, b"ka", b"1"), (0, MARKER_KEY, b"m1")),
+        producer,
+        consumer,
+    )
+    d.submit(
+        with_state(batch({0: range(5, 9)}), (0, b"ka", b"2"), (0, MARKER_KEY, b"m2")),
+        producer,
+        consumer,
+    )
+    assert state_sent(producer) == []
+    clock.t += 0.1
+    assert len(d.settle(producer, consumer).finished) == 2
+    assert producer.calls == [
+        "begin",
+        "state 0 b'ka'",
+        "state 0 b'm'",
+        f"offsets { {TP0: 9} }",
+        "commit",
+    ]
+    assert state_sent(producer) == [(0, b"ka", b"2"), (0, MARKER_KEY, b"m2")]
+
+
+def test_an_aborted_transaction_drops_the_state_it_held():
+    clock, producer, consumer = Clock(), TxProducer(fail_commit=True), GroupConsumer()
+    d = exactly_once(clock)
+    d.submit(with_state(batch({0: range(0, 5)}), (0, b"ka", b"1")), producer, consumer)
+    assert d.settle(producer, consumer, wait="all").error is not None
+    d.abandon(producer)
+    assert len(d.changelog) == 0
