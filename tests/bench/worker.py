@@ -451,6 +451,10 @@ def _run(args: argparse.Namespace, broker: EmbeddedBroker, tmp: Path) -> dict:
                 ends=ends if len(ends) > 1 and kind in ("worker", "2 workers") else None,
             )
             r["outputs"] = sum(end_offsets(bootstrap, out))
+            # incident state written (changelog records, markers included)
+            r["changelog_records"] = sum(
+                end_offsets(bootstrap, f"{group}-incidents-state", PARTITIONS.get(topic, 1))
+            )
             if enc == "rows":
                 r["vectors_per_s"] = r["records_per_s"] * args.rows_per_record
             busy = r.get("all_busy", {}).get("records_per_s")
@@ -670,12 +674,21 @@ def _incident_ratios(throughput: dict) -> list[dict]:
 
 def render_loops(results: dict) -> str:
     rows = [
-        [enc, kind, r["records"], r["records_per_s"], r["outputs"], r["cpu_us_per_record"]]
+        [
+            enc,
+            kind,
+            r["records"],
+            r["records_per_s"],
+            r["outputs"],
+            r.get("changelog_records", ""),
+            r["cpu_us_per_record"],
+        ]
         for enc, loops in results["throughput"].items()
         for kind, r in loops.items()
     ]
     table = markdown_table(
-        ["format", "loop", "records", "records/s", "events", "CPU µs/record"], rows
+        ["format", "loop", "records", "records/s", "events", "changelog records", "CPU µs/record"],
+        rows,
     )
     ratios = markdown_table(
         ["ratio", "value", "goal"],
