@@ -38,8 +38,10 @@ def check(settings: WorkerSettings) -> int:
 
 
 def run(settings: WorkerSettings) -> int:
+    from worker.allocator import keep_freed_memory
     from worker.service import StartupError, Worker
 
+    keep_freed_memory()  # before the first batch allocates anything
     try:
         worker = Worker(settings)
     except ValueError as e:  # e.g. WORKER_DEVICE=cuda on a machine without CUDA

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from kafka import KafkaProducer
 
+from worker.allocator import keep_freed_memory
 from worker.batcher import MicroBatcher
 from worker.checkpoint import read_latest
 from worker.clients import KafkaClients, open_clients
@@ -189,6 +190,8 @@ def naive() -> dict:
 
 def main(argv: list[str]) -> int:
     role, args = argv[0], argv[1:]
+    if role in ("passthrough", "naive"):
+        keep_freed_memory()  # as `python -m worker` does: the same process settings
     if role == "fill":
         result = fill(args[0], args[1], args[2], args[3], int(args[4]) if len(args) > 4 else 1)
     elif role == "steady":

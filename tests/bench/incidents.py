@@ -38,6 +38,7 @@ import numpy as np
 
 import worker
 from tests.bench.common import machine, markdown_table, now_iso, write_results
+from worker.allocator import keep_freed_memory
 from worker.incidents import IncidentConfig, IncidentTracker, Rows
 
 NAME = "incidents"
@@ -179,6 +180,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args([] if argv is None else argv)
+    keep_freed_memory()  # the worker's process setting (worker/allocator.py)
     info = machine()
     trackers = {"tracker": (IncidentTracker, IncidentConfig)}
     if args.baseline_repo:

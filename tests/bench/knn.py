@@ -26,6 +26,7 @@ import time
 import torch
 
 from tests.bench.common import markdown_table, now_iso
+from worker.allocator import keep_freed_memory
 from worker.scoring import KNN_PAIRS, nearest_neighbours
 
 K = 5
@@ -65,6 +66,7 @@ def cpu_us_per_row(search, batches, reference, ref_sq) -> float:
 
 @torch.inference_mode()
 def main() -> None:
+    keep_freed_memory()  # the worker's process setting (worker/allocator.py)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--reference-rows", type=int, default=2048)
