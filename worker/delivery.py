@@ -155,18 +155,15 @@ class AtLeastOnce:
         self.changelog.add(outcome.state)
         # a batch without state records while none are held back has nothing to wait for
         self.pipeline.add(outcome, futures, flushed=not len(self.changelog))
-        if self.pipeline.unflushed()[0] >= self.flush_batches:
-            self._flush(producer)
-
-    def _flush(self, producer) -> None:
-        self.pipeline.flushed(self.changelog.flush(producer, self.topics.state))
 
     def settle(self, producer, consumer, wait: Wait = "none") -> Settled:
         held, age_s = self.pipeline.unflushed()
         # the held-back batches are the newest; a full pipeline waits for its head
         head_held = self.pipeline.full() and held == len(self.pipeline)
-        if held and (wait == "all" or head_held or age_s >= self.flush_s):
-            self._flush(producer)
+        if held and (
+            wait == "all" or head_held or held >= self.flush_batches or age_s >= self.flush_s
+        ):
+            self.pipeline.flushed(self.changelog.flush(producer, self.topics.state))
         if wait == "all":
             producer.flush(timeout=FLUSH_TIMEOUT_S)  # sends what lingers, waits for every ack
         elif wait == "room" and self.pipeline.full():

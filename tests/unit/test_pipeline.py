@@ -594,7 +594,9 @@ def test_at_least_once_holds_the_state_back_and_commits_nothing_before_it_is_ack
             assert state_sent(producer) == [], "held back until a third batch"
             producer.sent[-1].ack()
             assert d.settle(producer, consumer).finished == [], "its state is not out yet"
-    # the third batch flushed all three batches' state: one record per key, then the marker
+    assert state_sent(producer) == []
+    d.settle(producer, consumer)  # the next loop turn: three batches held back, flushed
+    # all three batches' state: one record per key, then the marker
     assert state_sent(producer) == [(0, b"ka", b"2"), (0, b"kb", b"1"), (0, MARKER_KEY, b"m2")]
     for f in producer.sent[:-3]:  # every event, not the state records
         f.ack()
