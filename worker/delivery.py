@@ -14,13 +14,16 @@
   batches' worth); they wait, unsent, until the commit has ended, so transactions
   never overlap and the next one begins only after this one committed.
 
-Either way the incident state's changelog records (`Changelog`) are not sent batch by
-batch: they are held back and sent coalesced, the newest value per key, once per
-commit: once per transaction, or under at-least-once every `PIPELINE_DEPTH` - 1
-batches or `WORKER_COMMIT_INTERVAL_MS`, whichever comes first, and no batch is
-committed before the records holding its state are acknowledged. A key's state
-changes in most batches that read the key, so this writes the same state with a
-fraction of the records (docs/benchmarks.md, "The incident changelog coalesced").
+Under at-least-once the incident state's changelog records (`Changelog`) are not sent
+batch by batch: they are held back and sent coalesced, the newest value per key, every
+`PIPELINE_DEPTH` / 2 batches or `WORKER_COMMIT_INTERVAL_MS`, whichever comes first, and
+no batch is committed before the records holding its state are acknowledged. A key's
+state changes in most batches that read the key, so this writes the same state with
+a fraction of the records (docs/benchmarks.md, "The incident changelog coalesced").
+Under exactly-once they go with each batch: held to the end of the transaction they
+would add a produce round trip to it (kafka-python's sender sends no records while the
+transaction's offsets are in flight), and with it to what a `read_committed` reader
+waits for.
 
 A failure is reported in `Settled.error`; the worker then calls `abandon`, which
 hands back (`Abandoned`) every record not committed, to rewind its consumer to the
@@ -111,14 +114,9 @@ class Changelog:
 
     def flush(self, producer: KafkaProducer, topic: str) -> list:
         """Send what is held; their futures."""
-        if not len(self):
-            return []
-        track_topic(producer, topic)
-        send = producer.send
-        futures = [send(topic, key=k, value=v, partition=p) for (p, k), v in self._states.items()]
-        futures += [
-            send(topic, key=MARKER_KEY, value=v, partition=p) for p, v in self._markers.items()
-        ]
+        records = [(p, k, v) for (p, k), v in self._states.items()]
+        records += [(p, MARKER_KEY, v) for p, v in self._markers.items()]
+        futures = _send_state(producer, records, topic)
         self.clear()
         return futures
 
@@ -133,9 +131,9 @@ class AtLeastOnce:
         self._uncommitted: dict = {}  # acknowledged offsets not yet committed synchronously
         self.changelog = Changelog()
         # a flush at most every this many batches and this long after the first it holds:
-        # one batch short of a full pipeline, so the head's state is on its way before
-        # the loop would have to wait for it
-        self.flush_batches = max(1, depth - 1)
+        # half the pipeline, so the head's state has been on its way for a batch or two
+        # when a full pipeline waits for it
+        self.flush_batches = max(1, depth // 2)
         self.flush_s = settings.commit_interval_ms / 1000
 
     def producer_options(self) -> dict:
@@ -225,7 +223,6 @@ class ExactlyOnce:
         # sent in the next transaction once it ended, whose interval starts at the first
         self._waiting: list[tuple[BatchOutcome, float, float]] = []
         self._committed: list[Finished] = []  # committed, not yet reported by settle
-        self.changelog = Changelog()  # the open transaction's, sent before its commit
 
     def producer_options(self) -> dict:
         return {"transactional_id": self.transactional_id, "enable_idempotence": True}
@@ -260,7 +257,7 @@ class ExactlyOnce:
             now = self.clock()
             self._open, self._opened_at = True, now if scored_at is None else min(scored_at, now)
         self._futures += _send(producer, outcome, self.topics)
-        self.changelog.add(outcome.state)
+        self._futures += _send_state(producer, outcome.state, self.topics.state)
         self._batches.append((outcome, submitted_at))
 
     def _room(self) -> bool:
@@ -295,7 +292,6 @@ class ExactlyOnce:
         if not due:
             return settled
         try:
-            self._futures += self.changelog.flush(producer, self.topics.state)
             # offsets, flush, end of transaction: queued in order, run by the sender thread
             self._committing = _begin_commit(
                 producer, merge_offsets([o for o, _ in self._batches]), consumer.group_metadata()
@@ -360,7 +356,6 @@ class ExactlyOnce:
         return abandoned
 
     def _abort(self, producer) -> None:
-        self.changelog.clear()
         if not self._open:
             return
         self._open = False
@@ -454,6 +449,14 @@ def _send(producer: KafkaProducer, outcome: BatchOutcome, topics: OutputTopics):
     futures += [send(topics.dlq, key=k, value=v, headers=h) for k, v, h in outcome.dlq]
     futures += [send(topics.incidents, key=k, value=v, headers=h) for k, v, h in incidents]
     return futures
+
+
+def _send_state(producer: KafkaProducer, records: list, topic: str) -> list:
+    """Changelog records (partition, key, value), in order; their futures."""
+    if not records:
+        return []
+    track_topic(producer, topic)
+    return [producer.send(topic, key=k, value=v, partition=p) for p, k, v in records]
 
 
 def _check_acknowledged(futures: list) -> None:
