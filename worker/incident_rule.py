@@ -150,10 +150,12 @@ class IncidentRule:
         self._due[p] = min(self._due.get(p, 1 << 62), quiet)
         self._out.changed.setdefault(p, {})[key] = state
 
-    def _stretch(self, p: int, key, state: KeyState, last: tuple, ts: np.ndarray) -> None:
+    def _stretch(self, p: int, key, state: KeyState, last: tuple, ts: np.ndarray) -> int | None:
         """What `_row` does to a key with state, row after row, for normal rows at
-        event times ts, the last one at position `last`, where no sweep acts."""
+        event times ts, the last one at position `last`, where no sweep acts. Returns
+        the index in ts of the row that sent an update, if one did."""
         cfg = self.config
+        sent = None
         sk = (p, key)
         self._touch(sk)
         del self.states[sk]  # re-inserted below: most recently touched last
@@ -162,7 +164,7 @@ class IncidentRule:
             if inc.dirty:
                 hit = np.flatnonzero(ts >= inc.announced_ms + cfg.update_ms)
                 if len(hit):  # the row that sends the update
-                    q = int(hit[0])
+                    q = sent = int(hit[0])
                     inc.records += q + 1
                     inc.updated_ms = max(inc.updated_ms, int(ts[: q + 1].max()))
                     self._announce(key, inc, "open")
@@ -181,7 +183,7 @@ class IncidentRule:
                             self._due.get(p, 1 << 62), state.last_anomaly_ms + cfg.quiet_ms
                         )
                     self._changed(sk, None)
-                    return
+                    return sent
             state.mask = (mask << len(ts)) & self._full
             del state.pending[: len(state.pending) - state.mask.bit_count()]
         state.pos = last
@@ -189,6 +191,7 @@ class IncidentRule:
         self._placed(sk, state)
         self._due[p] = min(self._due.get(p, 1 << 62), state.last_anomaly_ms + cfg.quiet_ms)
         self._changed(sk, state)
+        return sent
 
     def _open(self, p: int, key, state: KeyState, at: Anomaly) -> Incident:
         pending = state.pending

@@ -13,8 +13,11 @@ delivery rolls the tracker back to the last delivered batch (`rollback`).
 
 Cost: a row changes something only if it is anomalous or its key holds state, so the
 batch picks those rows out in numpy and C and looks at only them in Python; a run of
-one key's normal rows (a multi-row record's vectors) is applied at once; what expired
-comes from a heap of deadlines (worker/incident_expiry.py), not a scan of every key.
+one key's normal rows (a multi-row record's vectors) is applied at once; where keys
+interleave (a keyed stream round robin) and no sweep or eviction can act within a
+partition's rows, each key's rows go together (`_by_key`) and what row order decides
+is put back in it; what expired comes from a heap of deadlines
+(worker/incident_expiry.py), not a scan of every key.
 The result is the per-row path's, message for message and byte for byte
 (tests/unit/test_incidents_fast.py keeps that path as the oracle).
 """
@@ -22,6 +25,7 @@ The result is the per-row path's, message for message and byte for byte
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from operator import itemgetter
 
 import numpy as np
 
@@ -92,6 +96,8 @@ class _Cand:
 class IncidentTracker(IncidentRule):
     """The per-key rule, fed one batch at a time, with each partition's progress and
     an undo journal of every batch not delivered yet."""
+
+    by_key_records = 2  # records a key in a batch from which `_by_key` pays (tests: 0)
 
     def __init__(self, config: IncidentConfig):
         super().__init__(config)
@@ -183,7 +189,9 @@ class IncidentTracker(IncidentRule):
             stream = np.maximum.accumulate(np.maximum(ts[fresh:hi], stream0))
             at = np.flatnonzero(cand[fresh:hi])
             if len(at):
-                self._rows(p, rows, order[fresh:hi][at], stream[at], whole)
+                idx, now = order[fresh:hi][at], stream[at]
+                if not (whole and self._by_key(p, rows, idx, now)):
+                    self._rows(p, rows, idx, now, whole)
             self.stream_ms[p] = int(stream[-1])
             self.applied[p] = int(offs[hi - 1]) + 1
             out.applied[p] = (self.applied[p], self.stream_ms[p])
@@ -239,11 +247,83 @@ class IncidentTracker(IncidentRule):
                     self._sweep(p, now)
                 self._row(p, key, rows, i, (off, row), t, anomalous)
 
-    def _run(self, p: int, key, rows: Rows, c: _Cand, lo: int, hi: int) -> None:
+    def _by_key(self, p: int, rows: Rows, idx: np.ndarray, stream: np.ndarray) -> bool:
+        """The candidate rows idx of partition p (no row twice), key by key, where that
+        does what row by row would: no sweep can act within them (every deadline, and
+        every one their anomalies set, lies beyond their stream time) and no key is
+        evicted, so one key's rows do not touch another's state. Interleaved keys' rows
+        (a keyed stream round robin) then go in runs (`_run`), and what row order decides
+        is put back in it: the messages, the changed keys, the journal and the eviction
+        order. False, and nothing done, where it does not hold or may not pay (fewer
+        than two records a key)."""
+        due = self._due.get(p)
+        # every key here holds state or has an anomalous row: pays from two records a key
+        pays = self.by_key_records
+        if due is None or pays * len(self.states) > min(len(idx), len(rows.keys)):
+            return False
+        rec = rows.record[idx]
+        starts = np.flatnonzero(np.diff(rec, prepend=-1))  # records: their rows are adjacent
+        flag = rows.is_anomaly[idx]
+        if pays * (len(self.states) + int(np.count_nonzero(flag))) > len(starts):
+            return False
+        end, ts = int(stream[-1]), rows.ts[idx]
+        if end >= due or (flag.any() and end >= int(ts[flag].min()) + self.config.quiet_ms):
+            return False
+        keys, states = rows.keys, self.states
+        ids: dict = {}
+        kid = np.fromiter(
+            (ids.setdefault(keys[r], len(ids)) for r in rec[starts].tolist()), np.int64, len(starts)
+        )
+        kid = np.repeat(kid, np.diff(starts, append=len(rec)))
+        new = {keys[r] for r in rec[flag].tolist()}
+        if len(states) + sum((p, k) not in states for k in new) > self.config.max_keys:
+            return False
+        o = np.argsort(kid, kind="stable")
+        c = _Cand(idx[o], rows.offset[idx[o]], rows.row[idx[o]], ts[o], flag[o], stream[o])
+        cuts = (np.flatnonzero(np.diff(kid[o])) + 1).tolist()
+        out, journal = self._out, self._journal.states
+        n_messages, n_journal = len(out.messages), len(journal)
+        evicted = set(out.changed.get(p, ()))  # by an earlier partition's new keys
+        first, last, tags = {}, {}, []  # key → position of its first change, last row
+        for lo, hi in zip([0, *cuts], [*cuts, len(o)], strict=True):
+            key = keys[int(rec[o[lo]])]
+            state = states.get((p, key))
+            for k in range(lo, hi):
+                if (c.pos(k) > state.pos) if state is not None else c.flag[k]:
+                    first[key] = c.pos(k)
+                    break
+            last[key] = c.pos(hi - 1)
+            self._run(p, key, rows, c, lo, hi, tags)
+        # what row order decides: a key first changed (and journalled) at its first row
+        # that acted, and it moves to the end of the eviction order at its last
+        changed = out.changed.get(p, {})
+        fresh = sorted((k for k in changed if k not in evicted), key=first.__getitem__)
+        if fresh:
+            kept = [k for k in changed if k in evicted]
+            out.changed[p] = {k: changed[k] for k in (*kept, *fresh)}
+            held = list(journal.items())
+            self._journal.states = dict(held[:n_journal])
+            self._journal.states.update(((p, k), journal[(p, k)]) for k in fresh)
+        for k in sorted((k for k in first if (p, k) in states), key=last.__getitem__):
+            sk = (p, k)
+            states[sk] = state = states.pop(sk)
+            self._placed(sk, state)
+        if len(tags) > 1:
+            sent = out.messages[n_messages:]
+            pairs = sorted(zip(tags, sent, strict=True), key=itemgetter(0))
+            out.messages[n_messages:] = [m for _, m in pairs]
+        return True
+
+    def _run(
+        self, p: int, key, rows: Rows, c: _Cand, lo: int, hi: int, tags: list | None = None
+    ) -> None:
         """Candidate rows lo .. hi - 1, all of one key. Its normal rows between two
         anomalous ones change the key's state all in the same way, so a stretch of them
-        is applied at once when no sweep could act within it; the rest goes row by row."""
+        is applied at once when no sweep could act within it; the rest goes row by row.
+        With `tags` (from `_by_key`, where no sweep acts), each message sent gets its
+        row's position there."""
         sk = (p, key)
+        out = self._out
         anomalous_at = (lo + np.flatnonzero(c.flag[lo:hi])).tolist()
         k, a = lo, 0
         while k < hi:
@@ -258,17 +338,24 @@ class IncidentTracker(IncidentRule):
                 and pos > state.pos
                 # every sweep of the stretch returns at once: _due is a lower bound of
                 # every deadline on p (this key's too), and the stretch moves none earlier
-                and int(c.stream[m - 1]) < self._due.get(p, -(1 << 62))
+                and (tags is not None or int(c.stream[m - 1]) < self._due.get(p, -(1 << 62)))
             ):
-                self._stretch(p, key, state, c.pos(m - 1), c.ts[k:m])
+                q = self._stretch(p, key, state, c.pos(m - 1), c.ts[k:m])
+                if tags is not None and q is not None:
+                    tags.append(c.pos(k + q))
                 k = m
                 continue
             anomalous = k == m
             if state is None and not anomalous:
                 k = m  # the key holds nothing: its normal rows up to the next anomaly are no-ops
                 continue
-            self._sweep(p, int(c.stream[k]))
-            self._row(p, key, rows, int(c.idx[k]), pos, int(c.ts[k]), anomalous)
+            if tags is None:
+                self._sweep(p, int(c.stream[k]))
+                self._row(p, key, rows, int(c.idx[k]), pos, int(c.ts[k]), anomalous)
+            else:
+                sent = len(out.messages)
+                self._row(p, key, rows, int(c.idx[k]), pos, int(c.ts[k]), anomalous)
+                tags.extend([pos] * (len(out.messages) - sent))
             k += 1
 
     # -- journal -------------------------------------------------------------------

@@ -10,6 +10,7 @@ messages and changelog records, counted the same and hold the same state in the 
 from __future__ import annotations
 
 import numpy as np
+import orjson
 import pytest
 
 from tests.unit.incidents_reference import ReferenceTracker
@@ -147,6 +148,18 @@ def restart(config, delivered: list, rng, lose_marker: bool, reannounce: bool):
 
 @pytest.mark.parametrize("seed", range(SEEDS))
 def test_the_fast_path_does_what_the_per_row_path_does(seed):
+    run_both(seed)
+
+
+@pytest.mark.parametrize("seed", range(SEEDS))
+def test_key_by_key_wherever_it_holds_does_what_the_per_row_path_does(seed, monkeypatch):
+    """The same streams, with interleaved keys' rows applied key by key wherever that
+    holds, not only where it pays (`IncidentTracker._by_key`)."""
+    monkeypatch.setattr(IncidentTracker, "by_key_records", 0)
+    run_both(seed)
+
+
+def run_both(seed: int) -> None:
     rng = np.random.default_rng(seed)
     config, batches = make_stream(rng)
     fast, ref = IncidentTracker(config), ReferenceTracker(config)
@@ -330,3 +343,70 @@ def test_a_restore_over_held_keys_keeps_their_order():
     a, b = fast.observe(later), ref.observe(later)
     same_out(a, b)
     assert list(a.changed[0]) == [b"a", b"b"]
+
+
+class CountsByKey:
+    """Counts the batches `IncidentTracker._by_key` took (it returns True for them)."""
+
+    def __init__(self, monkeypatch):
+        self.taken = 0
+        original = IncidentTracker._by_key
+
+        def by_key(tracker, *args):
+            took = original(tracker, *args)
+            self.taken += took
+            return took
+
+        monkeypatch.setattr(IncidentTracker, "_by_key", by_key)
+
+
+def test_interleaved_keys_go_key_by_key_and_expire_in_row_order(monkeypatch):
+    """Keys a and b interleave (b first, a's rows last but one): applied key by key, a
+    ends before b in the eviction order, and when both go quiet a resolves first."""
+    counts = CountsByKey(monkeypatch)
+    opened = [(0, i, k, i, [True], False) for i, k in enumerate([b"a", b"a", b"b", b"b"])]
+    interleaved = [(0, 4 + i, k, 10 + i, [False], False) for i, k in enumerate(b"baab")]
+    interleaved = [(p, o, bytes([k]), t, f, m) for p, o, k, t, f, m in interleaved]
+    quiet = [(0, 8, b"x", 500, [False], False)]
+    sent = compare(EDGE, [opened, interleaved, quiet])
+    assert counts.taken == 1
+    resolved = [orjson.loads(v) for k, v, _ in sent if orjson.loads(v)["status"] == "resolved"]
+    assert [r["key"] for r in resolved] == ["a", "b"]
+
+
+def test_rows_read_again_then_a_rollback_key_by_key(monkeypatch):
+    """After a restart whose last marker was lost, key a's first rows of a batch were
+    already applied (skipped) and b's were not: b changes first, so a failed delivery
+    puts b back before a, as row by row."""
+    counts = CountsByKey(monkeypatch)
+    config = IncidentConfig(topic="t", window=5, open_share=1.0, quiet_ms=10**6)
+    rng = np.random.default_rng(0)
+
+    def rows(*records):
+        spec = [(0, o, k, o, [(f, 2.0, 1e-6)], False) for o, k, f in records]
+        return to_rows(spec, rng, empty=0.0)
+
+    writer = IncidentTracker(config)
+    outs = [
+        writer.observe(rows((0, b"a", True), (1, b"b", True))),
+        writer.observe(rows((2, b"a", False), (3, b"a", True))),
+    ]
+    recs = [Rec(k, v) for _, k, v in changelog_records(outs[0])]
+    recs += [Rec(k, v) for _, k, v in changelog_records(outs[1]) if k != b"m"]  # marker lost
+    fast, ref = IncidentTracker(config), ReferenceTracker(config)
+    replay = [
+        rows((2, b"a", False)),
+        rows((3, b"a", True), *((o, b"ba"[o % 2 : o % 2 + 1], False) for o in range(4, 10))),
+    ]
+    for t in (fast, ref):
+        t.restore(0, *read_changelog(recs))
+    for batch in replay:
+        a, b = fast.observe(batch), ref.observe(batch)
+        same_out(a, b)
+        same(fast, ref)
+        if batch is replay[0]:
+            fast.settled(), ref.settled()
+    assert counts.taken == 1 and a.skipped == 1
+    fast.rollback(), ref.rollback()
+    same(fast, ref)
+    assert list(fast.states) == [(0, b"b"), (0, b"a")]
