@@ -119,6 +119,8 @@ def nearest_neighbours(
         dists.append(nearest.sub_(x[:, None, :]).square_().sum(dim=2).sqrt_())
     if len(idx) == 1:
         return dists[0], idx[0]
+    if not idx:  # no rows
+        return xs.new_empty((0, k)), torch.empty((0, k), dtype=torch.long, device=xs.device)
     return torch.cat(dists), torch.cat(idx)
 
 

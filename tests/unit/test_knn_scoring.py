@@ -80,6 +80,17 @@ def test_chunked_and_static_batches_score_alike(fitted, monkeypatch):
         assert np.array_equal(other.top_index, eager.top_index)
 
 
+def test_an_empty_batch_scores_to_empty_results(fitted):
+    # a batch whose every record was rejected, or an empty file, scores to nothing
+    for explain in ("all", "anomalies", "none"):
+        got = scorer_of(fitted).score_batch(np.empty((0, D), np.float32), explain=explain)
+        assert got.scores.shape == got.p_values.shape == got.is_anomaly.shape == (0,)
+    dist, index = nearest_neighbours(
+        torch.empty(0, D), torch.zeros(150, D), torch.zeros(150), K
+    )
+    assert dist.shape == index.shape == (0, K) and index.dtype == torch.long
+
+
 def test_explanation_is_the_difference_from_the_nearest_rows_mean(fitted):
     x = rows(50, 9)
     x[0, 3] += 80.0
