@@ -207,7 +207,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--no-write", action="store_true", help="print the table, leave results/worker.json alone"
     )
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    small = [f for f in ("json", "float32", "rows") if getattr(args, f"{f}_records") < 1]
+    if small:
+        p.error(f"--{small[0]}-records must be at least 1: every format's topic is filled")
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict:
