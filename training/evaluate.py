@@ -272,7 +272,7 @@ def run_evaluation(
     meta = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{platform.machine()}, {_cpu_count()} CPU cores, torch "
-        f"{torch.__version__} ({torch.get_num_threads()} threads), Python "
+        f"{torch.__version__} ({_threads(torch.get_num_threads())}), Python "
         f"{platform.python_version()}",
         "datasets": list(datasets),
         "seeds": list(seeds),
@@ -289,6 +289,10 @@ def run_evaluation(
     groups = {g: [d for d in names if d in datasets] for g, names in eval_datasets.GROUPS.items()}
     summary = summarise(runs, methods, datasets, sigmas, groups, DEFAULT_METHOD)
     return {"meta": meta, "runs": runs, "summary": summary}
+
+
+def _threads(n: int) -> str:
+    return "1 thread" if n == 1 else f"{n} threads"
 
 
 def _cpu_count() -> int:
