@@ -66,6 +66,24 @@ def episode_report(incidents: dict[str, list[dict]], episodes: dict) -> dict:
     }
 
 
+def before(incidents: dict[str, list[dict]], episodes: dict, shift_ms: int) -> tuple[dict, dict]:
+    """The incidents and episodes of the first act: incidents that opened before the
+    shift's event time (the event time of their first message's opening row; one that
+    shifted rows opened belongs to the second act even when its window reached back
+    before the shift) and episodes that started before it."""
+    opened = {
+        iid: min(msgs, key=lambda m: m["sequence"])["updated_at_ms"]
+        for iid, msgs in incidents.items()
+    }
+    return (
+        {iid: msgs for iid, msgs in incidents.items() if opened[iid] < shift_ms},
+        {
+            k: [e for e in eps if T_START_MS + e.start * SAMPLE_MS < shift_ms]
+            for k, eps in episodes.items()
+        },
+    )
+
+
 @dataclass(frozen=True)
 class Phase:
     name: str
@@ -218,14 +236,8 @@ def summarise(
     inc = episode_report(incidents, episodes)
     inc_before = None
     if shift_at is not None:  # the per-key incidents of the first act alone
-        first = T_START_MS + -(-shift_at // machines) * SAMPLE_MS  # the shift's event time
-        inc_before = episode_report(
-            {i: m for i, m in incidents.items() if min(x["started_at_ms"] for x in m) < first},
-            {
-                k: [e for e in eps if T_START_MS + e.start * SAMPLE_MS < first]
-                for k, eps in episodes.items()
-            },
-        )
+        shift_ms = T_START_MS + -(-shift_at // machines) * SAMPLE_MS  # the shift's event time
+        inc_before = episode_report(*before(incidents, episodes, shift_ms))
     loop = drift_loop(seen, loop_log, drift_msgs, shift_at, n) if shift_at is not None else None
     parts = phases(n, shift_at, versions, loop and loop["retrained"])
     figures = {p.name: detection(flagged, labels, p.rows) for p in parts}

@@ -85,9 +85,7 @@ def test_an_empty_batch_scores_to_empty_results(fitted):
     for explain in ("all", "anomalies", "none"):
         got = scorer_of(fitted).score_batch(np.empty((0, D), np.float32), explain=explain)
         assert got.scores.shape == got.p_values.shape == got.is_anomaly.shape == (0,)
-    dist, index = nearest_neighbours(
-        torch.empty(0, D), torch.zeros(150, D), torch.zeros(150), K
-    )
+    dist, index = nearest_neighbours(torch.empty(0, D), torch.zeros(150, D), torch.zeros(150), K)
     assert dist.shape == index.shape == (0, K) and index.dtype == torch.long
 
 
