@@ -5,7 +5,8 @@
 Realistic micro-batches of 1 024 rows, already scored, go through
 `IncidentTracker.observe` (and `settled`, as the worker calls it after delivery), one
 process, one thread; the figure is CPU seconds (`time.process_time`) per row over the
-batches after a warm-up, so that the tracker holds its steady-state keys. Scenarios:
+batches after a warm-up, so that the tracker holds its steady-state keys; the median of
+`--rounds` (3) such measurements, the trackers taking turns. Scenarios:
 
 * keys 1 000 / 100 000: entities drawn at random per record, 1 % of rows anomalous
   (the default target false-positive rate), two input partitions (key → partition);
@@ -172,6 +173,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=1300,
         help="batches before measuring (100k keys hold their steady-state keys after ~1 200)",
     )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="measurements per scenario and tracker, taking turns; the median is reported "
+        "(the first measurement of a process reads up to 30 %% slower)",
+    )
     p.add_argument("--only", default="", help="scenario names containing this text")
     p.add_argument("--baseline-repo", help="also time this checkout's worker/incidents.py")
     p.add_argument("--no-write", action="store_true", help="leave results/incidents.json alone")
@@ -190,10 +198,17 @@ def main(argv: list[str] | None = None) -> dict:
         if args.only not in name:
             continue
         data = batches(args.warmup + args.batches, keys, share, per, hot, hot_rate)
-        for label, (tracker_class, config_class) in trackers.items():
-            r = measure(tracker_class, config_class, data, args.warmup)
+        runs: dict[str, list[dict]] = {label: [] for label in trackers}
+        for i in range(args.rounds):  # the trackers take turns: neither always goes first
+            labels = list(trackers) if i % 2 == 0 else list(reversed(trackers))
+            for label in labels:
+                r = measure(*trackers[label], data, args.warmup)
+                runs[label].append(r)
+                print(f"{name:40s} {label:9s} {r}", file=sys.stderr, flush=True)
+        for label, rs in runs.items():
+            cpu = sorted(r["cpu_us_per_row"] for r in rs)
+            r = {**rs[0], "cpu_us_per_row": cpu[len(cpu) // 2], "cpu_us_per_row_runs": cpu}
             results.append({"scenario": name, "tracker": label, **r})
-            print(f"{name:40s} {label:9s} {r}", file=sys.stderr, flush=True)
     goal = next(
         (r for r in results if r["tracker"] == "tracker" and r["scenario"] == "1k keys, 1 %"),
         None,
