@@ -43,7 +43,7 @@ def run(settings: WorkerSettings) -> int:
 
     keep_freed_memory()  # before the first batch allocates anything
     try:
-        worker = Worker(settings)
+        worker = Worker(settings, freeze_gc=True)
     except ValueError as e:  # e.g. WORKER_DEVICE=cuda on a machine without CUDA
         return _fail(f"invalid setting WORKER_DEVICE={settings.device!r}: {e}")
     signal.signal(signal.SIGTERM, worker.request_stop)

@@ -20,6 +20,7 @@ import torch
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.errors import KafkaError
 
+from worker.allocator import freeze_survivors
 from worker.batcher import MicroBatcher
 from worker.bounds import RunBounds
 from worker.clients import KafkaClients, open_clients
@@ -98,8 +99,12 @@ class Worker:
         settings: WorkerSettings,
         metrics: WorkerMetrics | None = None,
         open_clients: OpenClients = open_clients,
+        freeze_gc: bool = False,
     ):
         self.settings = settings
+        # the process's own worker (python -m worker): after start-up and each swap,
+        # freeze what survives (worker/allocator.py); not in a test's process
+        self.freeze_gc = freeze_gc
         self.metrics = metrics or WorkerMetrics()
         self.health = Health(self.metrics)
         self.device = resolve_device(settings.device)
@@ -157,6 +162,7 @@ class Worker:
     def run(self) -> RunSummary:
         try:
             if self._start():
+                self._freeze_survivors("start-up")
                 self._loop()
                 self.flush(reason="shutdown")
         finally:
@@ -263,6 +269,15 @@ class Worker:
             "model_serving", version=scorer.version, previous=previous, device=str(self.device)
         )
 
+    def _freeze_survivors(self, reason: str) -> None:
+        if not self.freeze_gc:
+            return
+        t = time.perf_counter()
+        frozen = freeze_survivors()
+        log.debug(
+            "gc_frozen", reason=reason, objects=frozen, ms=round(1e3 * (time.perf_counter() - t))
+        )
+
     def _next_model(self) -> Scorer | None:
         """The model to swap in now, if any: a new checkpoint from the watcher (at once,
         or once its shadow run promotes it: worker/shadow.py)."""
@@ -345,6 +360,7 @@ class Worker:
             if pending is not None:
                 self.flush(reason="model swap")  # the batch in hand is scored by the model it met
                 self._serve(pending)
+                self._freeze_survivors("model swap")
             if not self._settle():
                 continue
             if self.batcher.due():

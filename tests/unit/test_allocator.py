@@ -60,3 +60,54 @@ def test_it_applies_where_the_c_library_has_mallopt(monkeypatch):
 def test_an_operator_s_own_glibc_setting_wins(monkeypatch, name):
     monkeypatch.setenv(name, "131072")
     assert keep_freed_memory() is False
+
+
+def test_freeze_survivors_collects_first_then_freezes_what_is_left():
+    import gc
+    import weakref
+
+    from worker.allocator import freeze_survivors
+
+    class Node:
+        pass
+
+    def seen(obj) -> bool:  # by the cyclic collector (frozen objects are not)
+        return any(o is obj for o in gc.get_objects())
+
+    a, b = Node(), Node()
+    a.other, b.other = b, a  # a reference cycle: only the cyclic collector frees it
+    gone = weakref.ref(a)
+    del a, b
+    survivor = Node()
+    assert seen(survivor)
+    try:
+        assert freeze_survivors() > 0
+        assert gone() is None  # collected before the freeze, not frozen for good
+        assert not seen(survivor)
+        assert seen(Node())  # what comes later is collected as usual
+    finally:
+        gc.unfreeze()
+
+
+def test_a_swapped_out_model_is_freed_without_the_cyclic_collector(tmp_path):
+    # The worker freezes what survives start-up, the first model included; a frozen
+    # object caught in a reference cycle would never be freed. A Scorer has none.
+    import gc
+    import weakref
+
+    from tests.support import normal_rows
+    from training.fit import TrainConfig, fit
+    from worker.checkpoint import publish, read_latest
+    from worker.scoring import load_scorer
+
+    result = fit(normal_rows(300, 0), [f"f{i}" for i in range(8)], TrainConfig(max_epochs=2))
+    publish(tmp_path, result.model, result.manifest)
+    scorer = load_scorer(tmp_path / read_latest(tmp_path), device="cpu")
+    scorer.score_batch(normal_rows(64, 1))
+    refs = [weakref.ref(scorer), weakref.ref(scorer.model), weakref.ref(scorer.executor)]
+    gc.disable()
+    try:
+        del scorer
+        assert [r() for r in refs] == [None, None, None]
+    finally:
+        gc.enable()

@@ -8,13 +8,15 @@ worker exits. Not part of the product; loaded only through PYTHONPATH:
 
 Each JSON line: {"process_cpu_s": ..., "<step>": [cpu_s, calls], ...}, one line per
 worker run (the JSON loop's, then the float32 loop's). The wrapping costs ~1 µs a call,
-a few calls a batch. Steps are patched once the worker's modules have loaded (a thread
+a few calls a batch. Garbage collections are timed too, per generation (they run inside
+whichever step allocated, so they are also part of that step's time). Steps are patched once the worker's modules have loaded (a thread
 watches for them), before the loop's first batch.
 """
 
 from __future__ import annotations
 
 import atexit
+import gc
 import json
 import os
 import sys
@@ -59,11 +61,28 @@ def _patch() -> None:
     service.Worker._loop = _timed(service.Worker._loop, "loop (main thread, all of it)")
 
 
+_gc_started: dict[int, float] = {}
+
+
+def _gc(phase: str, info: dict) -> None:
+    """Garbage collections, per generation: thread CPU and count (any thread)."""
+    gen = info["generation"]
+    if phase == "start":
+        _gc_started[threading.get_ident()] = time.thread_time()
+        return
+    t = _gc_started.pop(threading.get_ident(), None)
+    if t is not None:
+        a = _acc.setdefault(f"gc generation {gen}", [0.0, 0])
+        a[0] += time.thread_time() - t
+        a[1] += 1
+
+
 def _watch() -> None:
     while True:
         svc = sys.modules.get("worker.service")
         if svc is not None and hasattr(svc, "Worker") and "worker.delivery" in sys.modules:
             _patch()
+            gc.callbacks.append(_gc)
             return
         time.sleep(0.001)
 
