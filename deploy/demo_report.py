@@ -22,16 +22,19 @@ T_START_MS = 1_764_230_400_000  # event time of the first readings (2025-11-27 0
 TARGET_FPR = 0.01  # the trainer's default target, which every model of the demo keeps
 
 
+def opened_at_ms(messages: list[dict]) -> int:
+    """An incident's opening: the event time of the row that opened it, as its first
+    message (the lowest sequence) gives it."""
+    return min(messages, key=lambda m: m["sequence"])["updated_at_ms"]
+
+
 def episode_report(incidents: dict[str, list[dict]], episodes: dict) -> dict:
     """Episode-level detection: an incident matches an episode of its key when its
     [started_at, ended_at] event-time span overlaps the episode's rows (an open
     incident: up to its latest update). Spikes (one record) cannot open an incident
     and are left out."""
     last = {iid: max(msgs, key=lambda m: m["sequence"]) for iid, msgs in incidents.items()}
-    opened = {
-        iid: min(msgs, key=lambda m: m["sequence"])["updated_at_ms"]
-        for iid, msgs in incidents.items()
-    }
+    opened = {iid: opened_at_ms(msgs) for iid, msgs in incidents.items()}
     spans = [
         (m["key"], m["started_at_ms"], m["ended_at_ms"] or m["updated_at_ms"], iid)
         for iid, m in last.items()
@@ -71,12 +74,8 @@ def before(incidents: dict[str, list[dict]], episodes: dict, shift_ms: int) -> t
     shift's event time (the event time of their first message's opening row; one that
     shifted rows opened belongs to the second act even when its window reached back
     before the shift) and episodes that started before it."""
-    opened = {
-        iid: min(msgs, key=lambda m: m["sequence"])["updated_at_ms"]
-        for iid, msgs in incidents.items()
-    }
     return (
-        {iid: msgs for iid, msgs in incidents.items() if opened[iid] < shift_ms},
+        {iid: msgs for iid, msgs in incidents.items() if opened_at_ms(msgs) < shift_ms},
         {
             k: [e for e in eps if T_START_MS + e.start * SAMPLE_MS < shift_ms]
             for k, eps in episodes.items()

@@ -9,8 +9,9 @@ worker exits. Not part of the product; loaded only through PYTHONPATH:
 Each JSON line: {"process_cpu_s": ..., "<step>": [cpu_s, calls], ...}, one line per
 worker run (the JSON loop's, then the float32 loop's). The wrapping costs ~1 µs a call,
 a few calls a batch. Garbage collections are timed too, per generation (they run inside
-whichever step allocated, so they are also part of that step's time). Steps are patched once the worker's modules have loaded (a thread
-watches for them), before the loop's first batch.
+whichever step allocated, so they are also part of that step's time). Steps are patched
+once the worker's modules have loaded (a thread watches for them), before the loop's
+first batch.
 """
 
 from __future__ import annotations
