@@ -45,7 +45,7 @@ from kafka import KafkaConsumer, KafkaProducer
 from kafka.errors import KafkaError
 from kafka.structs import TopicPartition
 
-from worker.clients import track_topic, unknown_leaders
+from worker.clients import KeyPartitions, track_topic, unknown_leaders
 from worker.incident_records import MARKER_KEY
 from worker.pipeline import Abandoned, Finished, Pipeline, PublishError, Settled, merge_offsets
 from worker.settings import WorkerSettings
@@ -127,6 +127,7 @@ class Changelog:
 class AtLeastOnce:
     def __init__(self, settings: WorkerSettings, depth: int = PIPELINE_DEPTH):
         self.topics = OutputTopics.of(settings)
+        self.keyed = KeyPartitions()
         self.pipeline = Pipeline(depth)
         self._uncommitted: dict = {}  # acknowledged offsets not yet committed synchronously
         self.changelog = Changelog()
@@ -149,7 +150,7 @@ class AtLeastOnce:
         return 0.0 if len(self.pipeline) else None
 
     def submit(self, outcome: BatchOutcome, producer, consumer) -> None:
-        futures = _send(producer, outcome, self.topics)
+        futures = _send(producer, outcome, self.topics, self.keyed)
         self.changelog.add(outcome.state)
         # a batch without state records while none are held back has nothing to wait for
         self.pipeline.add(outcome, futures, flushed=not len(self.changelog))
@@ -206,6 +207,7 @@ class AtLeastOnce:
 class ExactlyOnce:
     def __init__(self, settings: WorkerSettings, depth: int = PIPELINE_DEPTH, clock=time.monotonic):
         self.topics = OutputTopics.of(settings)
+        self.keyed = KeyPartitions()
         self.interval_s = settings.commit_interval_ms / 1000
         self.batch_size = settings.max_batch_size
         self.max_records = depth * settings.max_batch_size
@@ -256,7 +258,7 @@ class ExactlyOnce:
             producer.begin_transaction()  # local: no request until the first send
             now = self.clock()
             self._open, self._opened_at = True, now if scored_at is None else min(scored_at, now)
-        self._futures += _send(producer, outcome, self.topics)
+        self._futures += _send(producer, outcome, self.topics, self.keyed)
         self._futures += _send_state(producer, outcome.state, self.topics.state)
         self._batches.append((outcome, submitted_at))
 
@@ -433,21 +435,24 @@ class OutputTopics:
         )
 
 
-def _send(producer: KafkaProducer, outcome: BatchOutcome, topics: OutputTopics):
+def _send(
+    producer: KafkaProducer, outcome: BatchOutcome, topics: OutputTopics, keyed: KeyPartitions
+):
     """A batch's outputs but its changelog records (`Changelog`): events, DLQ records,
-    incident messages."""
-    incidents = outcome.incidents + outcome.drift
+    incident messages, each keyed one to its key's partition (`keyed`)."""
+    send, futures = producer.send, []
     for topic, outputs in (
         (topics.events, outcome.events),
         (topics.dlq, outcome.dlq),
-        (topics.incidents, incidents),
+        (topics.incidents, outcome.incidents + outcome.drift),
     ):
         if outputs:
             track_topic(producer, topic)
-    send = producer.send
-    futures = [send(topics.events, key=k, value=v, headers=h) for k, v, h in outcome.events]
-    futures += [send(topics.dlq, key=k, value=v, headers=h) for k, v, h in outcome.dlq]
-    futures += [send(topics.incidents, key=k, value=v, headers=h) for k, v, h in incidents]
+            parts = keyed.of(producer, topic, outputs)
+            futures += [
+                send(topic, key=k, value=v, headers=h, partition=p)
+                for (k, v, h), p in zip(outputs, parts, strict=True)
+            ]
     return futures
 
 

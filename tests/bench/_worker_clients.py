@@ -26,7 +26,7 @@ from kafka import KafkaProducer
 from worker.allocator import keep_freed_memory
 from worker.batcher import MicroBatcher
 from worker.checkpoint import read_latest
-from worker.clients import KafkaClients, open_clients
+from worker.clients import KafkaClients, KeyPartitions, open_clients
 from worker.codec import Codec, encode_float32, encode_float32_rows, encode_json
 from worker.delivery import AtLeastOnce
 from worker.events import build_events, dlq_record
@@ -120,6 +120,7 @@ def passthrough(threshold: float) -> dict:
     last_offsets: dict = {}
     batcher = MicroBatcher(settings.max_batch_size, settings.max_batch_wait_ms / 1000)
     k = scorer.top_k
+    keyed = KeyPartitions()
     n_max, done, outputs = settings.max_records, 0, 0
     while done < n_max:
         if batcher.due():
@@ -143,10 +144,11 @@ def passthrough(threshold: float) -> dict:
                 build_events(decoded, fake, scorer, False, int(time.time() * 1000)) if n else []
             )
             dlq = [dlq_record(r) for r in decoded.rejected]
-            for key, value, headers in events:
-                producer.send(settings.output_topic, key=key, value=value, headers=headers)
-            for key, value, headers in dlq:
-                producer.send(settings.dlq_topic, key=key, value=value, headers=headers)
+            for topic, outputs in ((settings.output_topic, events), (settings.dlq_topic, dlq)):
+                if outputs:  # partitioned as the worker does (worker/clients.py)
+                    parts = keyed.of(producer, topic, outputs)
+                    for (key, value, headers), p in zip(outputs, parts, strict=True):
+                        producer.send(topic, key=key, value=value, headers=headers, partition=p)
             offsets = next_offsets(batch)
             consumer.commit_async(offsets)
             last_offsets.update(offsets)

@@ -12,6 +12,7 @@ import orjson
 import pytest
 from kafka.errors import KafkaConnectionError, KafkaError
 from kafka.future import Future
+from kafka.partitioner.default import murmur2
 
 from deploy.embedded_broker import free_port
 from tests.integration.conftest import DIM, FEATURES
@@ -100,6 +101,9 @@ def test_json_and_binary_records_each_get_one_valid_event(broker, topics, model_
     for rec, ev in zip(records, events, strict=True):
         assert rec.key.decode() == ev["source"]["key"]
         assert dict(rec.headers)["model.version"].decode() == ev["model"]["version"]
+        # in the partition Kafka's default partitioner gives the key (3 partitions)
+        assert rec.partition == (murmur2(rec.key) & 0x7FFFFFFF) % 3
+    assert len({rec.partition for rec in records}) > 1
     # planted spikes are flagged, and they explain themselves through the spiked feature
     by_id = {e["id"]: e for e in events if e["id"]}
     flagged = [e for e in events if e["is_anomaly"]]
