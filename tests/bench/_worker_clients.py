@@ -144,10 +144,10 @@ def passthrough(threshold: float) -> dict:
                 build_events(decoded, fake, scorer, False, int(time.time() * 1000)) if n else []
             )
             dlq = [dlq_record(r) for r in decoded.rejected]
-            for topic, outputs in ((settings.output_topic, events), (settings.dlq_topic, dlq)):
-                if outputs:  # partitioned as the worker does (worker/clients.py)
-                    parts = keyed.of(producer, topic, outputs)
-                    for (key, value, headers), p in zip(outputs, parts, strict=True):
+            for topic, sent in ((settings.output_topic, events), (settings.dlq_topic, dlq)):
+                if sent:  # partitioned as the worker does (worker/clients.py)
+                    parts = keyed.of(producer, topic, sent)
+                    for (key, value, headers), p in zip(sent, parts, strict=True):
                         producer.send(topic, key=key, value=value, headers=headers, partition=p)
             offsets = next_offsets(batch)
             consumer.commit_async(offsets)

@@ -24,6 +24,10 @@ event's arrival at a test consumer minus its input's CreateTime, WORKER_EMIT=all
                              forwarded at once): the transport's own latency, the
                              floor that `loop_added` subtracts
 
+in `latency_rounds` rounds that take turns; each figure is the median over the rounds,
+and what a loop adds is the median of its difference from the passthrough of the same
+round (one run of each read 10–30 ms apart between runs of one tree).
+
 and at 0 ms "passthrough, no proxy": the passthrough against a second broker with
 no proxy in front of it, so the proxy can be shown not to be the bottleneck; and
 "proxy_check": PROXY_REPEATS more of each, alternating, so that the ratio of their
@@ -79,10 +83,11 @@ def run_delayed(
     baseline_repo: str | None = None,
     latency_s: float | None = None,
     baseline_first: bool = False,
+    latency_rounds: int = 1,
 ) -> dict:
     """{delay_ms: {loop: run_group result}} on a broker of its own behind a proxy; with
-    latency_s also {delay_ms: {"latency": ...}}; baseline_first times the baseline
-    loops before the others."""
+    latency_s also {delay_ms: {"latency": ...}}, each the median of `latency_rounds`;
+    baseline_first times the baseline loops before the others."""
     proxy_port = free_port()
     with (
         EmbeddedBroker(advertised_port=proxy_port, log_path=tmp / "tansu-delay.log") as broker,
@@ -92,6 +97,7 @@ def run_delayed(
         try:
             run = _DelayRun(broker, direct, proxy, data, model_dir, threshold, tmp, baseline_repo)
             run.baseline_first = baseline_first
+            run.latency_rounds = latency_rounds
             return run.all(delays_ms, latency_s)
         finally:
             proxy.close()
@@ -103,6 +109,7 @@ class _DelayRun:
         self.data, self.model_dir, self.threshold = data, model_dir, threshold
         self.baseline_repo = baseline_repo
         self.baseline_first = False
+        self.latency_rounds = 1
 
     def all(self, delays_ms: list[float], latency_s: float | None) -> dict:
         self.admin = KafkaAdminClient(bootstrap_servers=self.broker.bootstrap)  # the proxy
@@ -191,7 +198,9 @@ class _DelayRun:
 
     def latency(self, delay: float, loops: dict, seconds: float) -> dict:
         """Per mode at half its emit=all capacity, and the passthrough's floor at the
-        at-least-once rate; what the loop adds over the floor against its bound."""
+        at-least-once rate, in `latency_rounds` rounds that take turns (the order is
+        reversed every other round); what the loop adds over the floor of its own round
+        against its bound. Each figure is the median over the rounds."""
         ctx = {
             "bootstrap": self.broker.bootstrap,
             "create": lambda topics: self.admin.create_topics([NewTopic(t, 1, 1) for t in topics]),
@@ -200,35 +209,14 @@ class _DelayRun:
             ),
             "logdir": self.tmp,
         }
+        rates = {m: round(loops[f"{k}, emit=all"]["records_per_s"] / 2) for m, k in MODES.items()}
+        runs: dict[str, list[dict]] = {m: [] for m in (*MODES, "passthrough")}
+        for rnd in range(self.latency_rounds):
+            order = list(runs) if rnd % 2 == 0 else list(reversed(runs))
+            for name in order:
+                runs[name].append(self._latency_run(ctx, delay, name, rates, seconds, rnd))
+        floor = _median_run(runs["passthrough"])
         out: dict = {}
-        rates = {}
-        for mode, kind in MODES.items():
-            rates[mode] = round(loops[f"{kind}, emit=all"]["records_per_s"] / 2)
-            label = f"d{delay:g}-{mode}"
-            extra = {"WORKER_DELIVERY": mode} if mode == "exactly-once" else {}
-            log(f"delay {delay:g} ms, latency {mode}: {rates[mode]} records/s for {seconds} s")
-            out[mode] = measure_latency(
-                ctx,
-                "float32",
-                self.data,
-                rates[mode],
-                seconds,
-                label,
-                extra,
-                isolation_level="read_committed" if mode == "exactly-once" else "read_uncommitted",
-            )
-        log(f"delay {delay:g} ms, latency passthrough: {rates['at-least-once']} records/s")
-        out["passthrough"] = measure_latency(
-            ctx,
-            "float32",
-            self.data,
-            rates["at-least-once"],
-            seconds,
-            f"d{delay:g}-passthrough",
-            {"WORKER_MAX_BATCH_WAIT_MS": "0"},  # no batching: forward every poll at once
-            cmd=[*CLIENTS, "passthrough", "0"],  # max |x| >= 0: an event for every record
-        )
-        floor = out["passthrough"]
         for mode in MODES:
             # one batch deadline plus one round trip; under exactly-once an event is
             # visible (read_committed) once its transaction commits: plus one interval
@@ -236,19 +224,69 @@ class _DelayRun:
             bound = BATCH_WAIT_MS + 2 * delay
             if mode == "exactly-once":
                 bound += COMMIT_INTERVAL_MS + TXN_END_ROUND_TRIPS * 2 * delay
-            r = out[mode]
+            r = out[mode] = _median_run(runs[mode])
+            pairs = list(zip(runs[mode], runs["passthrough"], strict=True))
+            added = {q: _median([w[q] - f[q] for w, f in pairs]) for q in ("p50_ms", "p99_ms")}
             r["loop_added"] = {
-                "p50_ms": r["p50_ms"] - floor["p50_ms"],
-                "p99_ms": r["p99_ms"] - floor["p99_ms"],
+                **added,
+                "rounds_p50_ms": [w["p50_ms"] - f["p50_ms"] for w, f in pairs],
                 "bound_ms": bound,
-                "within_bound_p50": r["p50_ms"] - floor["p50_ms"] <= bound,
+                "within_bound_p50": added["p50_ms"] <= bound,
             }
             log(
                 f"delay {delay:g} ms, latency {mode}: p50 {r['p50_ms']:.1f} p99 {r['p99_ms']:.1f} "
                 f"ms (passthrough {floor['p50_ms']:.1f} / {floor['p99_ms']:.1f}); loop adds "
-                f"{r['loop_added']['p50_ms']:.1f} ms at p50, bound {bound:g} ms"
+                f"{added['p50_ms']:.1f} ms at p50 (median of {len(pairs)} rounds), "
+                f"bound {bound:g} ms"
             )
+        out["passthrough"] = floor
         return out
+
+    def _latency_run(
+        self, ctx: dict, delay: float, name: str, rates: dict, seconds: float, rnd: int
+    ) -> dict:
+        label = f"d{delay:g}-{name}-r{rnd}"
+        if name == "passthrough":
+            log(f"delay {delay:g} ms, latency passthrough: {rates['at-least-once']} records/s")
+            return measure_latency(
+                ctx,
+                "float32",
+                self.data,
+                rates["at-least-once"],
+                seconds,
+                label,
+                {"WORKER_MAX_BATCH_WAIT_MS": "0"},  # no batching: forward every poll at once
+                cmd=[*CLIENTS, "passthrough", "0"],  # max |x| >= 0: an event for every record
+            )
+        extra = {"WORKER_DELIVERY": name} if name == "exactly-once" else {}
+        log(f"delay {delay:g} ms, latency {name}: {rates[name]} records/s for {seconds} s")
+        return measure_latency(
+            ctx,
+            "float32",
+            self.data,
+            rates[name],
+            seconds,
+            label,
+            extra,
+            isolation_level="read_committed" if name == "exactly-once" else "read_uncommitted",
+        )
+
+
+def _median(values: list[float]) -> float:
+    """The median; of an even count, the mean of the middle two."""
+    v = sorted(values)
+    mid = len(v) // 2
+    return float(v[mid]) if len(v) % 2 else (v[mid - 1] + v[mid]) / 2
+
+
+def _median_run(runs: list[dict]) -> dict:
+    """The run of the median p50 (its other figures), with p50 and p99 the medians over
+    the runs and each run's p50 and p99 under "rounds"."""
+    r = dict(sorted(runs, key=lambda x: x["p50_ms"])[(len(runs) - 1) // 2])
+    r["rounds"] = [{"p50_ms": x["p50_ms"], "p99_ms": x["p99_ms"]} for x in runs]
+    r["p50_ms"] = _median([x["p50_ms"] for x in runs])
+    r["p99_ms"] = _median([x["p99_ms"] for x in runs])
+    return r
 
 
 def delay_ratios(delayed: dict) -> list[tuple[str, float]]:

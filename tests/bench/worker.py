@@ -182,6 +182,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--latency-formats", default="json,float32")
     p.add_argument("--latency-rounds", type=int, default=1)
     p.add_argument(
+        "--delay-latency-rounds",
+        type=int,
+        default=3,
+        help="rounds of the latency behind the delayed link, taking turns; medians reported",
+    )
+    p.add_argument(
         "--latency-prefill",
         type=int,
         default=0,
@@ -208,6 +214,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--no-write", action="store_true", help="print the table, leave results/worker.json alone"
     )
     args = p.parse_args(argv)
+    if args.delay_latency_rounds < 1:
+        p.error("--delay-latency-rounds must be at least 1")
     small = [f for f in ("json", "float32", "rows") if getattr(args, f"{f}_records") < 1]
     if small:
         p.error(f"--{small[0]}-records must be at least 1: every format's topic is filled")
@@ -323,6 +331,7 @@ def _delayed(args: argparse.Namespace, tmp: Path) -> dict:
         args.baseline_repo,
         latency_s=args.latency_s or None,
         baseline_first=args.baseline_first,
+        latency_rounds=args.delay_latency_rounds,
     )
     ratios = [ratio(name, value, None, NAME) for name, value in delay_ratios(delayed)]
     return {"delayed": delayed, "delay_ratios": ratios}
@@ -701,6 +710,14 @@ def render_loops(results: dict) -> str:
     return table + "\n\n" + ratios
 
 
+def _rounds_note(added: dict) -> str:
+    """ ", median of N rounds (each: …)" for a latency measured in rounds."""
+    rounds = added.get("rounds_p50_ms", [])
+    if len(rounds) < 2:
+        return ""
+    return f"; median of {len(rounds)} rounds ({', '.join(f'{v:.0f}' for v in rounds)})"
+
+
 def render_delayed(results: dict) -> str:
     rows = [
         [
@@ -1027,7 +1044,7 @@ def _delay_rows(results: dict) -> list[dict]:
                     "detail": f"p50/p99 {r['p50_ms']:.0f}/{r['p99_ms']:.0f} ms at "
                     f"{r['target_rate']:,} rec/s, passthrough "
                     f"{loops['latency']['passthrough']['p50_ms']:.0f}/"
-                    f"{loops['latency']['passthrough']['p99_ms']:.0f} ms",
+                    f"{loops['latency']['passthrough']['p99_ms']:.0f} ms" + _rounds_note(added),
                 }
             )
         check = loops.get("proxy_check")
