@@ -149,6 +149,7 @@ class Codec:
         bin_chunks: list[bytes] = []
         bin_rec: list[int] = []
         bin_counts: list[int] = []
+        bin_multi: list[bool] = []  # float32-rows (a row index per vector), not float32
         kept: list = []
         ids: list[str | None] = []
         tss: list[int | None] = []
@@ -209,6 +210,7 @@ class Codec:
                     continue
                 bin_chunks.append(value)
                 bin_counts.append(n // row_bytes)
+                bin_multi.append(ctype == FLOAT32_ROWS)
                 bin_rec.append(len(kept))
                 kept.append(rec)
                 ids.append(None)
@@ -246,7 +248,7 @@ class Codec:
                 np.frombuffer(bytearray(b"".join(bin_chunks)), dtype="<f4").reshape(-1, dim)
             )
             rec_parts.append(np.repeat(np.asarray(bin_rec, dtype=np.int64), counts))
-            multi = np.asarray([_content_type(kept[i]) == FLOAT32_ROWS for i in bin_rec])
+            multi = np.asarray(bin_multi, dtype=bool)
             starts = np.cumsum(counts) - counts
             within = np.arange(counts.sum()) - np.repeat(starts, counts)
             row_parts.append(np.where(np.repeat(multi, counts), within, -1))
