@@ -52,13 +52,15 @@ class KeyPartitions:
     def of(self, producer: KafkaProducer, topic: str, records: list) -> list[int | None]:
         """Per (key, value, headers) record sent to `topic`: its partition. Waits for
         the topic's metadata, as a send would."""
-        partitions = sorted(producer.partitions_for(topic))
-        n, hashes = len(partitions), self._hashes
+        hashes, partitions = self._hashes, None
         out: list[int | None] = []
         for key, _, _ in records:
             if key is None:
                 out.append(None)
                 continue
+            if partitions is None:  # asked once a call, and only for keyed records
+                partitions = sorted(producer.partitions_for(topic))
+                n = len(partitions)
             h = hashes.get(key)
             if h is None:
                 h = murmur2(key) & 0x7FFFFFFF

@@ -56,8 +56,11 @@ def test_keyed_records_go_where_the_default_partitioner_puts_them():
 
 
 def test_keyless_records_are_left_to_the_producer():
-    got = KeyPartitions().of(_Producer([0, 1]), "out", _records([None, b"a", None]))
+    producer = _Producer([0, 1])
+    got = KeyPartitions().of(producer, "out", _records([None, b"a", None]))
     assert got == [None, (murmur2(b"a") & 0x7FFFFFFF) % 2, None]
+    assert KeyPartitions().of(producer, "out", _records([None, None])) == [None, None]
+    assert producer.asked == ["out"]  # no metadata asked for keyless records alone
 
 
 def test_kept_hashes_are_bounded(monkeypatch):

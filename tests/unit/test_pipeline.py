@@ -124,6 +124,9 @@ class FakeProducer:
             self.calls.append(f"state {partition} {key!r}")
         return f
 
+    def partitions_for(self, topic):
+        return {0}
+
     def flush(self, timeout=None):
         self.flushed += 1
         for f in self.sent:

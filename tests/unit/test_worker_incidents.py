@@ -87,6 +87,9 @@ class FakeProducer:
         error = KafkaTimeoutError("injected: no ack") if self.fail else None
         return SimpleNamespace(is_done=True, exception=error)
 
+    def partitions_for(self, topic):
+        return {0}
+
 
 def deliver(w: Worker, outcome: BatchOutcome) -> bool:
     """What Worker._process does after scoring: observe, submit, settle."""
