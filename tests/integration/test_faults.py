@@ -57,7 +57,8 @@ from tests.integration.tcp_proxy import TcpProxy
 from tests.support import PickleCanary, normal_rows
 from worker import codec
 from worker.checkpoint import LATEST_FILE, MANIFEST_FILE, WEIGHTS_FILE, publish, sha256_bytes
-from worker.delivery import OutputTopics, _send
+from worker.clients import KeyPartitions
+from worker.delivery import OutputTopics, _send, _send_state
 from worker.model import CAEConfig, ContractiveAutoencoder
 from worker.service import Worker
 from worker.settings import WorkerSettings
@@ -1091,8 +1092,10 @@ def test_exactly_once_output_known_at_start_is_not_forgotten_by_a_refresh_for_an
         create_topics(broker.bootstrap, [state], partitions=1)
         p.begin_transaction()
         topics = OutputTopics(events=events, dlq=events, incidents=events, state=state)
-        futures = _send(p, BatchOutcome([], [(b"k", b"event", [])], [], {}), topics)
-        futures += _send(p, BatchOutcome([], [], [], {}, state=[(0, b"k", b"s")]), topics)
+        futures = _send(
+            p, BatchOutcome([], [(b"k", b"event", [])], [], {}), topics, KeyPartitions()
+        )
+        futures += _send_state(p, [(0, b"k", b"s")], state)
         p.flush(timeout=15)  # raises KafkaTimeoutError when the events' batch stalls
         p.commit_transaction()
         assert all(f.succeeded() for f in futures)
