@@ -118,7 +118,11 @@ def passthrough(threshold: float) -> dict:
     clients, scorer, codec = _clients(settings)
     producer, consumer = clients.producer, clients.consumer
     last_offsets: dict = {}
-    batcher = MicroBatcher(settings.max_batch_size, settings.max_batch_wait_ms / 1000)
+    batcher = MicroBatcher(
+        settings.max_batch_size,
+        settings.max_batch_wait_ms / 1000,
+        max_bytes=settings.max_batch_bytes,
+    )
     k = scorer.top_k
     keyed = KeyPartitions()
     n_max, done, outputs = settings.max_records, 0, 0

@@ -65,3 +65,33 @@ def test_since_is_never_later_than_now():
     b = MicroBatcher(max_size=100, max_wait_s=1.0, clock=clock)
     b.add(["a"], since=clock.t + 10)
     assert b.oldest_received == clock.t
+
+
+class Rec:
+    def __init__(self, n: int | None):
+        self.value = None if n is None else b"x" * n
+
+
+def test_a_batch_holds_at_most_max_bytes_of_values_but_always_one_record():
+    b = MicroBatcher(max_size=100, max_wait_s=1.0, clock=Clock(), max_bytes=1000)
+    recs = [Rec(400), Rec(400), Rec(None), Rec(300), Rec(2500), Rec(10)]
+    b.add(recs[:2])
+    assert not b.due()  # 800 bytes
+    b.add(recs[2:4])
+    assert b.due()  # 1100 bytes: full by size in bytes, not records
+    assert b.take() == recs[:3]  # 800 bytes; the 300 would pass 1000
+    b.add(recs[4:])
+    assert b.take() == [recs[3]]  # 300, then 2 500 would pass it
+    assert b.take() == [recs[4]]  # one record larger than max_bytes goes on its own
+    assert b.take() == [recs[5]] and len(b) == 0 and not b.due()
+
+
+def test_records_and_bytes_both_bound_a_batch():
+    b = MicroBatcher(max_size=3, max_wait_s=1.0, clock=Clock(), max_bytes=1000)
+    recs = [Rec(10) for _ in range(5)]
+    b.add(recs)
+    assert b.due() and b.take() == recs[:3] and b.take() == recs[3:]
+    b.add([Rec(600), Rec(600)])
+    assert b.clear() and not b.due()
+    b.add([Rec(600)])  # clear forgot the bytes it held
+    assert not b.due()
