@@ -639,7 +639,7 @@ def _results(
             "model_flagged_fraction": {k: float(v.mean()) for k, v in flagged_rows.items()},
             "rows_per_record": args.rows_per_record,
             "worker_env_ab": extra_env,
-            "worker_settings": "defaults: WORKER_MAX_BATCH_SIZE=1024, WORKER_MAX_BATCH_WAIT_MS=20, at-least-once, device cpu",
+            "worker_settings": "defaults: WORKER_MAX_BATCH_SIZE=4096, WORKER_MAX_BATCH_BYTES=64 MiB, WORKER_MAX_BATCH_WAIT_MS=20, at-least-once, device cpu",
             "throughput_method": f"slope of the committed offset sampled every {SAMPLE_S * 1000:.0f} ms, first commit to last",
             "latency_method": (
                 "arrival at a test consumer (fetch_max_wait_ms=10) minus the input record's CreateTime "
