@@ -10,6 +10,8 @@ batches after a warm-up, so that the tracker holds its steady-state keys; the me
 
 * keys 1 000 / 100 000: entities drawn at random per record, 1 % of rows anomalous
   (the default target false-positive rate), two input partitions (key → partition);
+  1 000 keys also in batches of 4 096 rows, the worker's full batches under a backlog
+  (the goal's figure stays the one of 1 024-row batches);
 * open incidents: 1 000 keys of which 5 % are in an episode (half their rows anomalous),
   so those keys hold an open incident throughout;
 * bench stream: 64 keys round robin and 1.7 % anomalous rows, as `make bench`'s worker
@@ -50,7 +52,10 @@ FEATURES = 16  # per row, all continuous (the stuck-feature check's work)
 
 SCENARIOS = {
     # name: keys, anomalous share, rows per record, hot key share, hot anomalous share
+    # (and rows per batch, when not BATCH)
     "1k keys, 1 %": (1_000, 0.01, 1, 0.0, 0.0),
+    # the worker's full batches under a backlog (WORKER_MAX_BATCH_SIZE, 4 096 records)
+    "1k keys, 1 %, batches of 4 096": (1_000, 0.01, 1, 0.0, 0.0, 4096),
     "100k keys, 1 %": (100_000, 0.01, 1, 0.0, 0.0),
     "1k keys, 1 %, 50 open incidents": (1_000, 0.01, 1, 0.05, 0.5),
     "bench stream: 64 keys, 1.7 %": (64, 0.017, 1, 0.0, 0.0),
@@ -68,12 +73,13 @@ def batches(
     seed: int = 0,
     partitions: int = 2,
     records_per_s: int = 20_000,
+    batch: int = BATCH,
 ) -> list[Rows]:
-    """n batches of BATCH rows; key k lives on partition k % partitions."""
+    """n batches of `batch` rows; key k lives on partition k % partitions."""
     rng = np.random.default_rng(seed)
     names = [b"sensor-%06d" % k for k in range(keys)]
     hot = rng.random(keys) < hot_share
-    per = BATCH // rows_per_record
+    per = batch // rows_per_record
     next_offset = np.zeros(partitions, dtype=np.int64)
     out = []
     for b in range(n):
@@ -88,9 +94,9 @@ def batches(
         ts = T0 + rec * 1000 // records_per_s
         r = np.repeat(np.arange(per), rows_per_record)
         rate = np.where(hot[key_id], hot_rate, share)[r]
-        flags = rng.random(BATCH) < rate
-        score = np.where(flags, 5 + rng.random(BATCH), rng.random(BATCH)).astype(np.float32)
-        pval = np.where(flags, 1e-5 * rng.random(BATCH), 0.5).astype(np.float32)
+        flags = rng.random(batch) < rate
+        score = np.where(flags, 5 + rng.random(batch), rng.random(batch)).astype(np.float32)
+        pval = np.where(flags, 1e-5 * rng.random(batch), 0.5).astype(np.float32)
         out.append(
             Rows(
                 partition=part[r].astype(np.int64),
@@ -98,7 +104,7 @@ def batches(
                 row=(
                     np.tile(np.arange(rows_per_record), per)
                     if rows_per_record > 1
-                    else np.full(BATCH, -1)
+                    else np.full(batch, -1)
                 ).astype(np.int64),
                 ts=ts[r].astype(np.int64),
                 is_anomaly=flags,
@@ -110,7 +116,7 @@ def batches(
                 version="v1",
                 # continuous readings that never repeat: the stuck-feature check runs
                 # (as on any model whose features are continuous) and finds nothing
-                values=rng.normal(size=(BATCH, FEATURES)).astype(np.float32),
+                values=rng.normal(size=(batch, FEATURES)).astype(np.float32),
                 continuous=np.ones(FEATURES, dtype=bool),
                 feature_names=[f"f{i}" for i in range(FEATURES)],
             )
@@ -194,15 +200,19 @@ def main(argv: list[str] | None = None) -> dict:
     if args.baseline_repo:
         trackers["baseline"] = _baseline(args.baseline_repo)
     results = []
-    for name, (keys, share, per, hot, hot_rate) in SCENARIOS.items():
+    for name, (keys, share, per, hot, hot_rate, *size) in SCENARIOS.items():
         if args.only not in name:
             continue
-        data = batches(args.warmup + args.batches, keys, share, per, hot, hot_rate)
+        batch = size[0] if size else BATCH
+        # the same rows, warm-up and measured, whatever the batch
+        warmup = max(1, args.warmup * BATCH // batch)
+        n = warmup + max(1, args.batches * BATCH // batch)
+        data = batches(n, keys, share, per, hot, hot_rate, batch=batch)
         runs: dict[str, list[dict]] = {label: [] for label in trackers}
         for i in range(args.rounds):  # the trackers take turns: neither always goes first
             labels = list(trackers) if i % 2 == 0 else list(reversed(trackers))
             for label in labels:
-                r = measure(*trackers[label], data, args.warmup)
+                r = measure(*trackers[label], data, warmup)
                 runs[label].append(r)
                 print(f"{name:40s} {label:9s} {r}", file=sys.stderr, flush=True)
         for label, rs in runs.items():
