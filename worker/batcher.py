@@ -43,6 +43,15 @@ class MicroBatcher:
         self._bytes = 0
         self._oldest: float | None = None
 
+    @classmethod
+    def of(cls, settings) -> MicroBatcher:
+        """The batcher of WorkerSettings' batch bounds (records, bytes, deadline)."""
+        return cls(
+            settings.max_batch_size,
+            settings.max_batch_wait_ms / 1000,
+            max_bytes=settings.max_batch_bytes,
+        )
+
     def __len__(self) -> int:
         return len(self._records)
 

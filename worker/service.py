@@ -115,11 +115,7 @@ class Worker:
         self.clients: KafkaClients | None = None
         self.delivery = delivery_for(settings)
         self.incidents = incident_tracker(settings)
-        self.batcher = MicroBatcher(
-            settings.max_batch_size,
-            settings.max_batch_wait_ms / 1000,
-            max_bytes=settings.max_batch_bytes,
-        )
+        self.batcher = MicroBatcher.of(settings)
         self.bounds = RunBounds(settings.max_records, settings.idle_timeout_s)
         self.watcher = CheckpointWatcher(
             source_for(settings),

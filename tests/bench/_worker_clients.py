@@ -28,11 +28,11 @@ from worker.batcher import MicroBatcher
 from worker.checkpoint import read_latest
 from worker.clients import KafkaClients, KeyPartitions, open_clients
 from worker.codec import Codec, encode_float32, encode_float32_rows, encode_json
-from worker.delivery import AtLeastOnce
+from worker.delivery import AtLeastOnce, OutputTopics, _send
 from worker.events import build_events, dlq_record
 from worker.scoring import BatchScores, Scorer, load_scorer
 from worker.settings import WorkerSettings
-from worker.step import next_offsets, score_records
+from worker.step import BatchOutcome, next_offsets, score_records
 
 # The entities (Kafka keys), round robin: 64 unless BENCH_KEYS says otherwise (an A/B
 # of the incident tracker's cost with many keys; not part of `make bench`).
@@ -118,13 +118,9 @@ def passthrough(threshold: float) -> dict:
     clients, scorer, codec = _clients(settings)
     producer, consumer = clients.producer, clients.consumer
     last_offsets: dict = {}
-    batcher = MicroBatcher(
-        settings.max_batch_size,
-        settings.max_batch_wait_ms / 1000,
-        max_bytes=settings.max_batch_bytes,
-    )
+    batcher = MicroBatcher.of(settings)
     k = scorer.top_k
-    keyed = KeyPartitions()
+    topics, keyed = OutputTopics.of(settings), KeyPartitions()
     n_max, done, outputs = settings.max_records, 0, 0
     while done < n_max:
         if batcher.due():
@@ -148,12 +144,9 @@ def passthrough(threshold: float) -> dict:
                 build_events(decoded, fake, scorer, False, int(time.time() * 1000)) if n else []
             )
             dlq = [dlq_record(r) for r in decoded.rejected]
-            for topic, sent in ((settings.output_topic, events), (settings.dlq_topic, dlq)):
-                if sent:  # partitioned as the worker does (worker/clients.py)
-                    parts = keyed.of(producer, topic, sent)
-                    for (key, value, headers), p in zip(sent, parts, strict=True):
-                        producer.send(topic, key=key, value=value, headers=headers, partition=p)
             offsets = next_offsets(batch)
+            # sent as the worker sends them (worker/delivery.py), futures left alone
+            _send(producer, BatchOutcome(batch, events, dlq, offsets), topics, keyed)
             consumer.commit_async(offsets)
             last_offsets.update(offsets)
             done += len(batch)

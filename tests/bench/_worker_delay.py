@@ -41,6 +41,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from statistics import median
 
 from kafka import KafkaAdminClient
 from kafka.admin import NewTopic
@@ -226,7 +227,7 @@ class _DelayRun:
                 bound += COMMIT_INTERVAL_MS + TXN_END_ROUND_TRIPS * 2 * delay
             r = out[mode] = _median_run(runs[mode])
             pairs = list(zip(runs[mode], runs["passthrough"], strict=True))
-            added = {q: _median([w[q] - f[q] for w, f in pairs]) for q in ("p50_ms", "p99_ms")}
+            added = {q: median([w[q] - f[q] for w, f in pairs]) for q in ("p50_ms", "p99_ms")}
             r["loop_added"] = {
                 **added,
                 "rounds_p50_ms": [w["p50_ms"] - f["p50_ms"] for w, f in pairs],
@@ -272,20 +273,13 @@ class _DelayRun:
         )
 
 
-def _median(values: list[float]) -> float:
-    """The median; of an even count, the mean of the middle two."""
-    v = sorted(values)
-    mid = len(v) // 2
-    return float(v[mid]) if len(v) % 2 else (v[mid - 1] + v[mid]) / 2
-
-
 def _median_run(runs: list[dict]) -> dict:
     """The run of the median p50 (its other figures), with p50 and p99 the medians over
     the runs and each run's p50 and p99 under "rounds"."""
     r = dict(sorted(runs, key=lambda x: x["p50_ms"])[(len(runs) - 1) // 2])
     r["rounds"] = [{"p50_ms": x["p50_ms"], "p99_ms": x["p99_ms"]} for x in runs]
-    r["p50_ms"] = _median([x["p50_ms"] for x in runs])
-    r["p99_ms"] = _median([x["p99_ms"] for x in runs])
+    r["p50_ms"] = median([x["p50_ms"] for x in runs])
+    r["p99_ms"] = median([x["p99_ms"] for x in runs])
     return r
 
 

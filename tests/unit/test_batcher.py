@@ -95,3 +95,11 @@ def test_records_and_bytes_both_bound_a_batch():
     assert b.clear() and not b.due()
     b.add([Rec(600)])  # clear forgot the bytes it held
     assert not b.due()
+
+
+def test_the_worker_settings_bound_its_batches():
+    from worker.settings import WorkerSettings
+
+    s = WorkerSettings(max_batch_size=7, max_batch_bytes=900, max_batch_wait_ms=250)
+    b = MicroBatcher.of(s)
+    assert (b.max_size, b.max_bytes, b.max_wait_s) == (7, 900, 0.25)
