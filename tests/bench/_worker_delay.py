@@ -85,6 +85,7 @@ def run_delayed(
     latency_s: float | None = None,
     baseline_first: bool = False,
     latency_rounds: int = 1,
+    latency_share: float = 0.5,
 ) -> dict:
     """{delay_ms: {loop: run_group result}} on a broker of its own behind a proxy; with
     latency_s also {delay_ms: {"latency": ...}}, each the median of `latency_rounds`;
@@ -99,6 +100,7 @@ def run_delayed(
             run = _DelayRun(broker, direct, proxy, data, model_dir, threshold, tmp, baseline_repo)
             run.baseline_first = baseline_first
             run.latency_rounds = latency_rounds
+            run.latency_share = latency_share
             return run.all(delays_ms, latency_s)
         finally:
             proxy.close()
@@ -111,6 +113,7 @@ class _DelayRun:
         self.baseline_repo = baseline_repo
         self.baseline_first = False
         self.latency_rounds = 1
+        self.latency_share = 0.5
 
     def all(self, delays_ms: list[float], latency_s: float | None) -> dict:
         self.admin = KafkaAdminClient(bootstrap_servers=self.broker.bootstrap)  # the proxy
@@ -198,9 +201,9 @@ class _DelayRun:
         return r
 
     def latency(self, delay: float, loops: dict, seconds: float) -> dict:
-        """Per mode at half its emit=all capacity, and the passthrough's floor at the
-        at-least-once rate, in `latency_rounds` rounds that take turns (the order is
-        reversed every other round); what the loop adds over the floor of its own round
+        """Per mode at `latency_share` (half by default) of its emit=all capacity, and
+        the passthrough's floor at the at-least-once rate, in `latency_rounds` rounds
+        that take turns (the order is reversed every other round); what the loop adds over the floor of its own round
         against its bound. Each figure is the median over the rounds."""
         ctx = {
             "bootstrap": self.broker.bootstrap,
@@ -210,7 +213,10 @@ class _DelayRun:
             ),
             "logdir": self.tmp,
         }
-        rates = {m: round(loops[f"{k}, emit=all"]["records_per_s"] / 2) for m, k in MODES.items()}
+        share = self.latency_share
+        rates = {
+            m: round(loops[f"{k}, emit=all"]["records_per_s"] * share) for m, k in MODES.items()
+        }
         runs: dict[str, list[dict]] = {m: [] for m in (*MODES, "passthrough")}
         for rnd in range(self.latency_rounds):
             order = list(runs) if rnd % 2 == 0 else list(reversed(runs))

@@ -188,6 +188,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="rounds of the latency behind the delayed link, taking turns; medians reported",
     )
     p.add_argument(
+        "--delay-latency-share",
+        type=float,
+        default=0.5,
+        help="the share of each mode's emit=all capacity behind the delayed link at which "
+        "its latency is measured",
+    )
+    p.add_argument(
         "--latency-prefill",
         type=int,
         default=0,
@@ -216,6 +223,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.delay_latency_rounds < 1:
         p.error("--delay-latency-rounds must be at least 1")
+    if not 0 < args.delay_latency_share <= 1:
+        p.error("--delay-latency-share must be in (0, 1]")
     small = [f for f in ("json", "float32", "rows") if getattr(args, f"{f}_records") < 1]
     if small:
         p.error(f"--{small[0]}-records must be at least 1: every format's topic is filled")
@@ -332,6 +341,7 @@ def _delayed(args: argparse.Namespace, tmp: Path) -> dict:
         latency_s=args.latency_s or None,
         baseline_first=args.baseline_first,
         latency_rounds=args.delay_latency_rounds,
+        latency_share=args.delay_latency_share,
     )
     ratios = [ratio(name, value, None, NAME) for name, value in delay_ratios(delayed)]
     return {"delayed": delayed, "delay_ratios": ratios}
