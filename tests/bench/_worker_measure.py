@@ -232,6 +232,22 @@ def run_group(
     return result
 
 
+def median_run(runs: list[dict]) -> dict:
+    """Rounds of one loop as one result: the round of the median rate (its other
+    figures too), with every round's rate, in the order they ran, under "rounds"."""
+    r = dict(sorted(runs, key=lambda x: x["records_per_s"])[(len(runs) - 1) // 2])
+    r["rounds"] = [x["records_per_s"] for x in runs]
+    return r
+
+
+def rounds_order(kinds: list[str], rounds: int):
+    """(round, kind) for `rounds` rounds of the loops `kinds`, taking turns, the order
+    reversed every other round, so no loop always runs first or last."""
+    for i in range(rounds):
+        for kind in kinds if i % 2 == 0 else kinds[::-1]:
+            yield i, kind
+
+
 def _memory(samples: list[tuple], t_from: float, t_to: float) -> dict:
     """Resident memory (MB = 10^6 bytes) of the first process while it worked, after a
     1 s warm-up from its first commit (model loaded, clients connected, first batches)."""

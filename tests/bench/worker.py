@@ -77,6 +77,8 @@ from tests.bench._worker_measure import (
     end_offsets,
     log,
     measure_latency,
+    median_run,
+    rounds_order,
     run_group,
     worker_env,
 )
@@ -140,6 +142,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--rows-records", type=int, default=2_000)
     p.add_argument("--rows-per-record", type=int, default=256)
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="rounds of the worker and passthrough loops (throughput, and behind the "
+        "delayed link), taking turns; each rate is the median",
+    )
     p.add_argument("--latency-s", type=float, default=12.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -221,6 +230,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--no-write", action="store_true", help="print the table, leave results/worker.json alone"
     )
     args = p.parse_args(argv)
+    if args.rounds < 1:
+        p.error("--rounds must be at least 1")
     if args.delay_latency_rounds < 1:
         p.error("--delay-latency-rounds must be at least 1")
     if not 0 < args.delay_latency_share <= 1:
@@ -342,6 +353,7 @@ def _delayed(args: argparse.Namespace, tmp: Path) -> dict:
         baseline_first=args.baseline_first,
         latency_rounds=args.delay_latency_rounds,
         latency_share=args.delay_latency_share,
+        rounds=args.rounds,
     )
     ratios = [ratio(name, value, None, NAME) for name, value in delay_ratios(delayed)]
     return {"delayed": delayed, "delay_ratios": ratios}
@@ -429,65 +441,81 @@ def _run(args: argparse.Namespace, broker: EmbeddedBroker, tmp: Path) -> dict:
     if args.loops:
         only = [k.strip() for k in args.loops.split(";")]
         loops = [(enc, [k for k in kinds if k in only]) for enc, kinds in loops[:2]]
+
+    def run_kind(enc: str, kind: str, ends: tuple, suffix: str = "") -> dict:
+        topic = f"in-{enc}"
+        n = fill_stats[enc]["records"]
+        if kind == "naive":
+            n = min(n, args.naive_records)
+        elif kind.endswith("emit=all"):
+            n = min(n, args.emit_all_records)
+        slug = (
+            kind.replace(", ", "-").replace("=", "-").replace(" ", "-").replace("+", "-") + suffix
+        )
+        group, out = f"{enc}-{slug}", f"{enc}-{slug}-events"
+        create([out, f"{group}-incidents"])
+        admin.create_topics([NewTopic(f"{group}-incidents-state", PARTITIONS.get(topic, 1), 1)])
+        workers = 2 if kind == "2 workers" else 1
+        loop_env = env(
+            topic,
+            out,
+            group,
+            None if workers > 1 else n,
+            emit="all" if kind.endswith("emit=all") else "anomalies",
+        )
+        if kind == "worker+env":
+            loop_env.update(extra_env)
+        if kind == off:
+            loop_env["WORKER_INCIDENT_TOPIC"] = "none"
+        cmd = (
+            [*CLIENTS, "passthrough", str(thresholds[enc])]
+            if kind == "passthrough"
+            else [*CLIENTS, "naive"]
+            if kind == "naive"
+            else [sys.executable, "-m", "worker"]
+        )
+        log(f"{enc} {kind}{suffix}: {n} records")
+        r = run_group(
+            f"{enc}-{slug}",
+            [(cmd, loop_env)] * workers,
+            probe_for(group, topic),
+            n,
+            tmp,
+            broker._proc.pid,
+            stop_when_committed=workers > 1,
+            ends=ends if len(ends) > 1 and kind in ("worker", "2 workers") else None,
+        )
+        r["outputs"] = sum(end_offsets(bootstrap, out))
+        # incident state written (changelog records, markers included)
+        r["changelog_records"] = sum(
+            end_offsets(bootstrap, f"{group}-incidents-state", PARTITIONS.get(topic, 1))
+        )
+        if enc == "rows":
+            r["vectors_per_s"] = r["records_per_s"] * args.rows_per_record
+        busy = r.get("all_busy", {}).get("records_per_s")
+        log(
+            f"{enc} {kind}{suffix}: {r['records_per_s']:,.0f} records/s"
+            + (f" ({busy:,.0f}/s with every partition busy)" if busy else "")
+            + f", {r['outputs']} events, {r['cpu_us_per_record']:.1f} us cpu/record, "
+            f"started in {r['startup_s']} s, rss {r['memory'].get('steady_rss_mb')} MB"
+        )
+        return r
+
+    # the worker against its ceiling in rounds that take turns; the other loops once
+    paired = ["worker", *ab, "passthrough"]
     for enc, kinds in loops:
         topic = f"in-{enc}"
         ends = end_offsets(bootstrap, topic, PARTITIONS.get(topic, 1))
         throughput[enc] = {}
+        rounds = [k for k in kinds if k in paired]
+        runs: dict[str, list[dict]] = {k: [] for k in rounds}
         for kind in kinds:
-            n = fill_stats[enc]["records"]
-            if kind == "naive":
-                n = min(n, args.naive_records)
-            elif kind.endswith("emit=all"):
-                n = min(n, args.emit_all_records)
-            slug = kind.replace(", ", "-").replace("=", "-").replace(" ", "-").replace("+", "-")
-            group, out = f"{enc}-{slug}", f"{enc}-{slug}-events"
-            create([out, f"{group}-incidents"])
-            admin.create_topics([NewTopic(f"{group}-incidents-state", PARTITIONS.get(topic, 1), 1)])
-            workers = 2 if kind == "2 workers" else 1
-            loop_env = env(
-                topic,
-                out,
-                group,
-                None if workers > 1 else n,
-                emit="all" if kind.endswith("emit=all") else "anomalies",
-            )
-            if kind == "worker+env":
-                loop_env.update(extra_env)
-            if kind == off:
-                loop_env["WORKER_INCIDENT_TOPIC"] = "none"
-            cmd = (
-                [*CLIENTS, "passthrough", str(thresholds[enc])]
-                if kind == "passthrough"
-                else [*CLIENTS, "naive"]
-                if kind == "naive"
-                else [sys.executable, "-m", "worker"]
-            )
-            log(f"{enc} {kind}: {n} records")
-            r = run_group(
-                f"{enc}-{slug}",
-                [(cmd, loop_env)] * workers,
-                probe_for(group, topic),
-                n,
-                tmp,
-                broker._proc.pid,
-                stop_when_committed=workers > 1,
-                ends=ends if len(ends) > 1 and kind in ("worker", "2 workers") else None,
-            )
-            r["outputs"] = sum(end_offsets(bootstrap, out))
-            # incident state written (changelog records, markers included)
-            r["changelog_records"] = sum(
-                end_offsets(bootstrap, f"{group}-incidents-state", PARTITIONS.get(topic, 1))
-            )
-            if enc == "rows":
-                r["vectors_per_s"] = r["records_per_s"] * args.rows_per_record
-            busy = r.get("all_busy", {}).get("records_per_s")
-            log(
-                f"{enc} {kind}: {r['records_per_s']:,.0f} records/s"
-                + (f" ({busy:,.0f}/s with every partition busy)" if busy else "")
-                + f", {r['outputs']} events, {r['cpu_us_per_record']:.1f} us cpu/record, "
-                f"started in {r['startup_s']} s, rss {r['memory'].get('steady_rss_mb')} MB"
-            )
-            throughput[enc][kind] = r
+            if kind not in paired:
+                throughput[enc][kind] = run_kind(enc, kind, ends)
+        for i, kind in rounds_order(rounds, args.rounds):
+            runs[kind].append(run_kind(enc, kind, ends, f"-r{i}" if args.rounds > 1 else ""))
+        for kind in rounds:
+            throughput[enc][kind] = median_run(runs[kind])
 
     if args.loops:
         admin.close()
@@ -929,7 +957,7 @@ def summary_rows(results: dict) -> list[dict]:
                 r["value"],
                 f"≥ {r['goal']}",
                 r["met"],
-                f"{rate(w)} vs {rate(pt)}",
+                f"{rate(w)} vs {rate(pt)}" + _rounds_ratio_note(w, pt),
             )
         )
     r = by_name["float32-rows: worker / passthrough"]
@@ -942,7 +970,8 @@ def summary_rows(results: dict) -> list[dict]:
             f"≥ {r['goal']}",
             r["met"],
             f"{w['vectors_per_s']:,.0f} vs {pt['vectors_per_s']:,.0f} vectors/s "
-            f"({w['cpu_us_per_record'] / rpr:.1f} vs {pt['cpu_us_per_record'] / rpr:.1f} µs CPU/vector)",
+            f"({w['cpu_us_per_record'] / rpr:.1f} vs {pt['cpu_us_per_record'] / rpr:.1f} µs CPU/vector)"
+            + _rounds_ratio_note(w, pt),
         )
     )
     for enc, label in (("json", "JSON"), ("float32", "float32")):
@@ -1021,6 +1050,14 @@ def summary_rows(results: dict) -> list[dict]:
     return out + _delay_rows(results)
 
 
+def _rounds_ratio_note(w: dict, pt: dict) -> str:
+    """The per-round ratios behind a ratio of medians, when the loops ran in rounds."""
+    if len(w.get("rounds", ())) < 2:
+        return ""
+    each = ", ".join(f"{a / b:.2f}" for a, b in zip(w["rounds"], pt["rounds"], strict=True))
+    return f"; medians of {len(w['rounds'])} rounds taking turns, per round {each}"
+
+
 def _delay_rows(results: dict) -> list[dict]:
     """Per delay and delivery mode: the worker against the passthrough of the same run;
     what the loop adds to the latency; the proxy check at 0 ms."""
@@ -1038,7 +1075,8 @@ def _delay_rows(results: dict) -> list[dict]:
                     "goal": "",
                     "met": None,
                     "detail": f"{r['records_per_s']:,.0f} vs {ceiling['records_per_s']:,.0f} "
-                    "rec/s (float32, 1 partition, pipelined passthrough)",
+                    "rec/s (float32, 1 partition, pipelined passthrough)"
+                    + _rounds_ratio_note(r, ceiling),
                 }
             )
         for mode, r in loops.get("latency", {}).items():
