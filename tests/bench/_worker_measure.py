@@ -243,7 +243,7 @@ def _timed_window(total: list[tuple], n: int) -> tuple:
     the loop scores up to a transaction's worth of records meanwhile), and at the end a
     bounded loop drains and commits at once. A window from the first to the final
     commit counted those records without their time, and overstated the rate: behind a
-    5 ms link exactly-once by ~25 %. With fewer commits the window falls back to the
+    5 ms link exactly-once by ~10 %. With fewer commits the window falls back to the
     first and the final one."""
     first = next((s for s in total if s[1] > 0), None)
     if first is None:
