@@ -9,6 +9,9 @@ Per delay, over one pre-filled float32 topic (one consumer group per loop):
 * passthrough             the ceiling: poll, decode, send, commit_async, never
                           waiting for an acknowledgement (tests/bench/_worker_clients.py)
 
+The worker's loops and the passthrough run in `rounds` rounds that take turns (the
+order reversed every other round); each rate is the median of its rounds.
+
 `baseline_repo` adds "worker, at-least-once (baseline)" and "worker, exactly-once
 (baseline)": `python -m worker` from another checkout (the same loop before a
 change), against the same topic.
@@ -17,7 +20,8 @@ With `latency_s`, per delay also the end-to-end latency (measure_latency: every
 event's arrival at a test consumer minus its input's CreateTime, WORKER_EMIT=all):
 
 * worker, {mode}, emit=all   the capacity with an event per record (30 000 records)
-* latency of each mode       at half that capacity, for `latency_s` seconds;
+* latency of each mode       at `latency_share` of that capacity (half by default),
+                             for `latency_s` seconds;
                              exactly-once read with isolation_level=read_committed
 * latency of the passthrough at the at-least-once rate, threshold 0 (an event per
                              record) and WORKER_MAX_BATCH_WAIT_MS=0 (each poll
@@ -215,8 +219,9 @@ class _DelayRun:
     def latency(self, delay: float, loops: dict, seconds: float) -> dict:
         """Per mode at `latency_share` (half by default) of its emit=all capacity, and
         the passthrough's floor at the at-least-once rate, in `latency_rounds` rounds
-        that take turns (the order is reversed every other round); what the loop adds over the floor of its own round
-        against its bound. Each figure is the median over the rounds."""
+        that take turns (the order is reversed every other round); what the loop adds
+        over the floor of its own round against its bound. Each figure is the median
+        over the rounds."""
         ctx = {
             "bootstrap": self.broker.bootstrap,
             "create": lambda topics: self.admin.create_topics([NewTopic(t, 1, 1) for t in topics]),
@@ -230,10 +235,8 @@ class _DelayRun:
             m: round(loops[f"{k}, emit=all"]["records_per_s"] * share) for m, k in MODES.items()
         }
         runs: dict[str, list[dict]] = {m: [] for m in (*MODES, "passthrough")}
-        for rnd in range(self.latency_rounds):
-            order = list(runs) if rnd % 2 == 0 else list(reversed(runs))
-            for name in order:
-                runs[name].append(self._latency_run(ctx, delay, name, rates, seconds, rnd))
+        for rnd, name in rounds_order(list(runs), self.latency_rounds):
+            runs[name].append(self._latency_run(ctx, delay, name, rates, seconds, rnd))
         floor = _median_run(runs["passthrough"])
         out: dict = {}
         for mode in MODES:

@@ -19,8 +19,11 @@ it measures, each over the same pre-filled topic (one consumer group per loop):
 * naive        per record: poll one, decode, score a 1-row batch, send, flush, commit
 
 Throughput is the slope of the group's committed offsets, sampled every 50 ms, from
-the first commit seen to the last (start-up and group join excluded). CPU is the
-loop processes' user+system time over that same window. The worker's resident
+the second commit seen to the last before the final drain (start-up, group join, the
+first commit's wait for the coordinator and the drain excluded: `_timed_window`). CPU
+is the loop processes' user+system time over that same window. The worker and the
+passthrough run in --rounds rounds (default 3) that take turns, and each rate is the
+median of its rounds; the other loops run once. The worker's resident
 memory (VmRSS, /proc/PID/status) is sampled alongside, after a 1 s warm-up. Then,
 for the multi-row format (application/x-float32-rows), the worker's and the
 passthrough's vectors/s; and end-to-end latency: a producer process sends at half
